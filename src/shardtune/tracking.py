@@ -1,0 +1,113 @@
+"""Reporting to Weights & Biases and TensorBoard (main process only).
+
+W&B goes offline on its own when there is no API key, and says once how to
+upload the run later. Anything in the config that looks like a secret is
+redacted before it leaves the process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from shardtune.config import TrackingConfig
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.I)
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9]{20,}|(local-)?[0-9a-f]{40,86})$")
+REDACTED = "***redacted***"
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of `value` with secret-looking keys and values replaced."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if value is not None and (_SECRET_KEY.search(key) or (isinstance(value, str) and _SECRET_VALUE.match(value))):
+        return REDACTED
+    return value
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode(cfg: TrackingConfig) -> str:
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if has_wandb_key() else "offline"
+
+
+class Tracker:
+    """Fan-out of scalar metrics to the configured backends; a no-op off the main process."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str):
+        self.run = None
+        self.tb = None
+        if not is_main:
+            return
+        if "wandb" in cfg.report_to:
+            self.run = _init_wandb(cfg, run_dir, redact(config), default_name)
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        if self.run is not None:
+            self.run.log(clean, step=step)
+        if self.tb is not None:
+            for k, v in clean.items():
+                self.tb.add_scalar(k, v, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.run is not None:
+            offline = self.run.settings.mode == "offline" or getattr(self.run.settings, "_offline", False)
+            path = Path(self.run.dir).parent
+            self.run.finish()
+            if offline:
+                print(f"W&B: no API key, so this run was logged offline; upload it with: wandb sync {path}", flush=True)
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str):
+    import wandb
+
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
+        return None
+    tags = list(cfg.tags) + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
+    return wandb.init(
+        project=cfg.project or os.environ.get("WANDB_PROJECT") or "shardtune",
+        entity=cfg.entity or os.environ.get("WANDB_ENTITY"),
+        name=cfg.run_name or os.environ.get("WANDB_NAME") or default_name,
+        group=cfg.group or os.environ.get("WANDB_RUN_GROUP"),
+        tags=tags or None,
+        config=config,
+        dir=str(run_dir),
+        mode=mode,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())

@@ -1,0 +1,75 @@
+"""Shared fixtures: offline hub, no W&B key, a tiny BERT built from a config with the packaged tokenizer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.pop("WANDB_MODE", None)
+os.environ["WANDB_SILENT"] = "true"
+os.environ["NETRC"] = os.devnull  # a developer's real W&B login must not turn tests online
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # wandb_reader
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with the packaged MiniLM tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from shardtune.assets import packaged_model
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(packaged_model("minilm-l6"))
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `shardtune ...` in-process; returns (exit code, stdout, stderr)."""
+    from shardtune.cli import main
+
+    def run(*argv: str):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
+    """A seconds-long run on 240 real Rotten Tomatoes snippets."""
+    base = {
+        "model.name_or_path": model, "model.max_length": 32, "data.max_examples": 240,
+        "train.batch_size": 16, "train.max_steps": 12, "train.log_every": 2, "train.eval_every": 6,
+        "optim.lr": 1e-3, "output.dir": out, "tracking.project": "shardtune-tests",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,77 @@
+"""The config tree: YAML + dotted overrides, validation, every shipped config loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shardtune.config import Config, ConfigError, load_config
+
+from conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path: Path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    # what the file says is what the config holds (nothing silently dropped)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                got = getattr(getattr(cfg, section), key)
+                assert got == value or list(got) == value, f"{section}.{key}"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["optim.lr=3e-5", "train.max_steps=50", "tracking.tags=[a, b]"])
+    assert cfg.optim.lr == 3e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.max_steps == 50
+    assert cfg.tracking.tags == ["a", "b"]
+
+
+def test_defaults_without_a_file():
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["optim.lrr=1"], ["optim.lrr", "did you mean optim.lr"]),
+        (["trian.epochs=1"], ["trian", "did you mean train"]),
+        (["train.batch_size=abc"], ["train.batch_size", "'abc'", "integer"]),
+        (["optim.lr=-1"], ["optim.lr", "-1", "greater than 0"]),
+        (["train.mixed_precision=fp8"], ["train.mixed_precision", "'fp8'", "'bf16'"]),
+        (["data.validation_fraction=0.6", "data.test_fraction=0.5"], ["validation_fraction + data.test_fraction"]),
+        (["optim"], ["section.key=value"]),
+        (["optim.lr.x=1"], ["lr is a value"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/quickstart.yaml", overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: minilm-l6\noptim:\n  lr: [1e-5\n  weight_decay: 0\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(bad)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
