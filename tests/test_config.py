@@ -37,6 +37,13 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.tracking.tags == ["a", "b"]
 
 
+def test_yaml_booleans_mean_the_words(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n  progress_bar: off\n")
+    cfg = load_config(f, ["train.progress_bar=on"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress_bar == "on"
+
+
 def test_defaults_without_a_file():
     assert load_config(None) == Config()
 

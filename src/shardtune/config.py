@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shardtune import ShardtuneError
 
@@ -78,6 +78,17 @@ class TrainConfig(_Section):
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto = bar on a terminal, log lines otherwise.")
 
+    # YAML 1.1 reads unquoted no/off/on as booleans; take them as the words the user wrote.
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, v: Any) -> Any:
+        return "no" if v is False else v
+
+    @field_validator("progress_bar", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class TrackingConfig(_Section):
     report_to: list[Literal["wandb", "tensorboard"]] = Field(["wandb"], description="Where metrics go; [] = nowhere.")
@@ -89,6 +100,16 @@ class TrackingConfig(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online with an API key, offline otherwise (WANDB_MODE wins when set)."
     )
+
+
+STRATEGIES = ("cpu", "single_gpu", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp")
+
+
+class DistConfig(_Section):
+    strategy: Optional[Literal[STRATEGIES]] = Field(
+        None, description="How `shardtune launch` runs it: cpu, single_gpu, ddp, zero1/2/3, zero3_offload, fsdp; None = ddp with GPUs, cpu without."
+    )
+    timeout_minutes: float = Field(30, gt=0, description="Process-group timeout: a stuck collective fails after this.")
 
 
 class OutputConfig(_Section):
@@ -103,6 +124,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    dist: DistConfig = DistConfig()
     output: OutputConfig = OutputConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ redacted before it leaves the process.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import re
 from pathlib import Path
@@ -56,8 +56,11 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str):
         self.run = None
         self.tb = None
+        self.jsonl = None
         if not is_main:
             return
+        # Every logged row, whatever the backends: for scripts, tests and `tail -f`.
+        self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
         if "wandb" in cfg.report_to:
             self.run = _init_wandb(cfg, run_dir, redact(config), default_name)
         if "tensorboard" in cfg.report_to:
@@ -67,6 +70,8 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.run is not None:
             self.run.log(clean, step=step)
         if self.tb is not None:
@@ -87,6 +92,8 @@ class Tracker:
                 print(f"W&B: no API key, so this run was logged offline; upload it with: wandb sync {path}", flush=True)
         if self.tb is not None:
             self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
 
 def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str):
@@ -107,7 +114,3 @@ def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: 
         mode=mode,
         settings=wandb.Settings(silent=True, console="off"),
     )
-
-
-def finite(metrics: dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in metrics.values())
