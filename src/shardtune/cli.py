@@ -24,6 +24,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-5 train.max_steps=50")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    la = sub.add_parser(
+        "launch",
+        help="launch a run on several processes/GPUs/nodes",
+        description="Build the `accelerate launch` command for a run, print it and run it. "
+        "Arguments after `--` go to accelerate launch.",
+    )
+    la.add_argument("config", help="YAML config file")
+    la.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides passed to the run")
+    la.add_argument("--strategy", help="cpu, single_gpu, ddp, zero1, zero2, zero3, zero3_offload, fsdp (default: dist.strategy)")
+    la.add_argument("--gpus", type=int, help="GPUs per node (default: all visible; 0 = CPU processes)")
+    la.add_argument("--processes", type=int, help="CPU processes per node when --gpus is 0 (default 2)")
+    la.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    la.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    la.add_argument("--main-address", help="address of node 0 (multi-node)")
+    la.add_argument("--main-port", type=int, default=29500, help="rendezvous port")
+    la.add_argument("--launch-dir", type=Path, help="folder of strategy configs (default: the checkout's launch/)")
+    la.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
     pr = sub.add_parser("predict", help="classify texts with a trained run", description="Print label and probabilities.")
     pr.add_argument("run_dir", type=Path, help="run folder written by `shardtune train` (or its model/ folder)")
     pr.add_argument("texts", nargs="*", help="texts to classify")
@@ -44,6 +62,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train(cfg, Path(args.config).stem)
     return 0
+
+
+def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
+    import subprocess
+
+    import torch
+
+    from shardtune.config import load_config
+    from shardtune.launcher import LaunchSpec, build_command, default_strategy, find_launch_dir, render
+
+    cfg = load_config(args.config, args.overrides)  # fail here, not in N processes
+    gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    spec = LaunchSpec(
+        config=args.config,
+        strategy=args.strategy or cfg.dist.strategy or default_strategy(gpus),
+        launch_dir=args.launch_dir or find_launch_dir(Path.cwd(), Path(__file__)),
+        gpus=gpus,
+        processes=args.processes,
+        nodes=args.nodes,
+        node_rank=args.node_rank,
+        main_address=args.main_address,
+        main_port=args.main_port,
+        overrides=args.overrides,
+        extra=extra,
+    )
+    cmd = build_command(spec)
+    print(render(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -77,10 +125,24 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    # overrides may come after options (`--dry-run optim.lr=1e-4`); argparse leaves those over
+    late = [u for u in unknown if "=" in u and not u.startswith("-")]
+    if len(late) != len(unknown) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in late or not hasattr(args, 'overrides'))}")
+    if late:
+        args.overrides = list(args.overrides) + late
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
-    args = _parser().parse_args(argv)
     try:
+        if args.command == "launch":
+            return cmd_launch(args, extra)
+        if extra:
+            raise ShardtuneError(f"arguments after `--` are only for `shardtune launch`: {' '.join(extra)}")
         return COMMANDS[args.command](args)
     except ShardtuneError as exc:
         print(f"shardtune: error: {exc}", file=sys.stderr)

@@ -1,21 +1,98 @@
-"""The only module that builds the Accelerator and knows about ranks."""
+"""The only module that builds the Accelerator and knows about ranks.
+
+`shardtune launch` (or `accelerate launch --config_file launch/<strategy>.yaml`)
+sets the ACCELERATE_* environment; here it becomes an Accelerator whose
+DeepSpeed plugin takes accumulation and clipping from the run config, so the
+run config stays the single source of truth.
+"""
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list
 
 from shardtune import ShardtuneError
-from shardtune.config import TrainConfig
+from shardtune.config import Config
 
 
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ShardtuneError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling is GPU-only); use bf16 or no on CPU.")
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    if _env_flag("ACCELERATE_USE_FSDP") and not cuda:
+        raise ShardtuneError("strategy fsdp needs CUDA GPUs (Accelerate runs FSDP only on GPUs); on CPU use zero3 to shard parameters.")
+    deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    pg = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))
+    if not cuda and deepspeed:
+        pg.backend = "gloo"  # Accelerate only picks gloo itself for its plain CPU mode
+    plugin = None
+    if deepspeed:
+        plugin = _deepspeed_plugin(cfg)
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        cpu=not cuda and not deepspeed,
+        deepspeed_plugin=plugin,
+        kwargs_handlers=[pg],
+    )
+
+
+def _deepspeed_plugin(cfg: Config) -> DeepSpeedPlugin:
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        raise ShardtuneError("DeepSpeed is on but no DeepSpeed config file is set; launch with `shardtune launch CONFIG --strategy zero2`.")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ShardtuneError("this strategy needs DeepSpeed; `pip install deepspeed` (or choose ddp, fsdp or cpu).") from None
+    return DeepSpeedPlugin(
+        hf_ds_config=path,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        gradient_clipping=cfg.optim.max_grad_norm or 0.0,  # 0 = no clipping for DeepSpeed
+        zero3_init_flag=_env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"),
+    )
+
+
+def strategy_name(acc: Accelerator) -> str:
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+        return f"zero{zero.get('stage', 0)}" + ("_offload" if offload else "")
+    return str(acc.distributed_type).split(".")[-1].lower()
+
+
+def _zero3(acc: Accelerator) -> bool:
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def full_state_dict(acc: Accelerator, model) -> dict | None:
+    """The whole model's weights on CPU: on every rank, or on the main rank only under ZeRO-3. Collective."""
+    state = acc.get_state_dict(model)
+    return None if state is None else {k: t.detach().to("cpu", copy=True) for k, t in state.items()}
+
+
+def load_full_state_dict(acc: Accelerator, model, state: dict | None) -> None:
+    """Inverse of `full_state_dict` (under ZeRO-3 the main rank's copy is scattered back). Collective."""
+    unwrapped = acc.unwrap_model(model)
+    if _zero3(acc):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):
+            if acc.is_main_process:
+                unwrapped.load_state_dict(state)
+    else:
+        unwrapped.load_state_dict(state)
 
 
 def from_main(acc: Accelerator, value: Any) -> Any:
@@ -25,3 +102,26 @@ def from_main(acc: Accelerator, value: Any) -> Any:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the ZeRO-3 partition or the FSDP2 DTensor shard."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def state_bytes(acc: Accelerator, model: torch.nn.Module, optimizer) -> dict[str, list[int]]:
+    """Live parameter, gradient-partition and optimizer-state bytes held by each rank (all ranks' lists)."""
+    params = _bytes(_local(p) for p in model.parameters())
+    base = optimizer
+    while hasattr(base, "optimizer"):  # Accelerate wrapper -> (ZeRO optimizer ->) the torch optimizer
+        base = base.optimizer
+    opt = _bytes(v for state in base.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    mine = torch.tensor([params, opt], dtype=torch.float64, device=acc.device)
+    every = acc.gather(mine[None]).tolist()
+    return {"param_bytes": [int(r[0]) for r in every], "optim_state_bytes": [int(r[1]) for r in every]}

@@ -18,7 +18,14 @@ from shardtune import ShardtuneError
 from shardtune.checkpoint import METRICS_FILE, choose_run_dir, export_model, save_config, write_json, MODEL_DIR
 from shardtune.config import Config
 from shardtune.data.classification import Encoded, load_splits, make_loader
-from shardtune.dist import build_accelerator, from_main
+from shardtune.dist import (
+    build_accelerator,
+    from_main,
+    full_state_dict,
+    load_full_state_dict,
+    state_bytes,
+    strategy_name,
+)
 from shardtune.metrics import evaluate
 from shardtune.models import load_classifier, load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
@@ -60,7 +67,7 @@ class Best:
         v = metrics[self.metric]
         if self.value is None or (v > self.value if self.greater else v < self.value):
             self.value, self.step, self.bad_evals = v, step, 0
-            self.state = {k: t.detach().to("cpu", copy=True) for k, t in state_fn().items()}
+            self.state = state_fn()
             return True
         self.bad_evals += 1
         return False
@@ -69,7 +76,7 @@ class Best:
 def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     if cfg.train.metric_for_best not in BEST_METRICS:
         raise ShardtuneError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not logged; use one of {', '.join(BEST_METRICS)}.")
-    acc = build_accelerator(cfg.train)
+    acc = build_accelerator(cfg)
     set_seed(cfg.train.seed)
     run_dir = Path(from_main(acc, str(choose_run_dir(cfg, config_name)) if acc.is_main_process else None))
 
@@ -139,10 +146,12 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
 
     if "eval" in eval_loaders and last_eval != step:
         _eval_and_select(acc, model, eval_loaders["eval"], best, splits.labels, step, tracker, progress, cfg)
-    if best.state is not None and best.step != step:
-        acc.unwrap_model(model).load_state_dict(best.state)
+    if best.value is not None and best.step != step:
+        load_full_state_dict(acc, model, best.state)
         progress.write(f"best model: step {best.step} ({best.metric}={best.value:.4f})")
     result = {"train/steps": step, "train/runtime_s": time.perf_counter() - started, **seen}
+    result.update({f"dist/{k}": v for k, v in state_bytes(acc, model, optimizer).items()})
+    result.update({"dist/strategy": strategy_name(acc), "dist/num_processes": acc.num_processes})
     if best.value is not None:
         result.update({"best/step": best.step, f"best/{best.metric}": best.value})
     if "test" in eval_loaders:
@@ -184,7 +193,7 @@ def _eval_and_select(acc, model, loader, best: Best, labels, step, tracker, prog
     """Eval, update the best model; True when early stopping says stop."""
     metrics = evaluate(acc, model, loader, len(labels), "eval")
     tracker.log(metrics, step)
-    improved = best.update(metrics, step, lambda: acc.get_state_dict(model))
+    improved = best.update(metrics, step, lambda: full_state_dict(acc, model))
     progress.write(f"eval @ step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + (" *" if improved else ""))
     patience = cfg.train.early_stopping_patience
     if patience and best.bad_evals >= patience:

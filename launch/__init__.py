@@ -1,0 +1,1 @@
+"""Strategy configs for `accelerate launch`, and `python -m launch CONFIG ...` (= `shardtune launch`)."""
