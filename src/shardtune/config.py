@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,14 +25,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+LM_TASKS = ("causal_lm",)
+DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m"}
+
+
 class ModelConfig(_Section):
-    name_or_path: str = Field("minilm-l6", description="Local HF folder, packaged default name (minilm-l6), or hub name.")
+    name_or_path: Optional[str] = Field(
+        None, description="Local HF folder, packaged model (minilm-l6, smollm2-135m) or hub name; None = the task's packaged default."
+    )
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="Load weights, or initialize from the architecture (pretraining).")
+    preset: Optional[str] = Field(None, description="With init=scratch: a Llama-architecture size (see models.PRESETS); None = name_or_path's config.")
+    arch: dict[str, Any] = Field({}, description="With init=scratch: architecture overrides, e.g. {num_hidden_layers: 4}.")
     max_length: int = Field(128, gt=0, le=1_000_000, description="Tokens per example; longer texts are truncated.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub; off unless you trust it.")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="Override the model's dropout probabilities.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
 
 
 class DataConfig(_Section):
+    kind: Literal["files"] = Field("files", description="Record files for classification (set from task).")
     train_file: str = Field("rotten-tomatoes", description="CSV/TSV/JSONL/parquet file, packaged data set name, or hub:NAME[:CONFIG][@SPLIT].")
     validation_file: Optional[str] = Field(None, description="Validation data (same forms); None = seeded hold-out of the train data.")
     test_file: Optional[str] = Field(None, description="Test data (same forms); None = seeded hold-out of the train data.")
@@ -49,6 +60,56 @@ class DataConfig(_Section):
     def _fractions(self) -> "DataConfig":
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError("data.validation_fraction + data.test_fraction must be < 1 so that train data remains")
+        return self
+
+
+# ---------------------------------------------------------------- the streaming stage (data/stream.py)
+
+
+class SourceSpec(_Section):
+    path: str = Field(..., min_length=1, description="File, folder, glob (** allowed) or hub:NAME[:CONFIG][@SPLIT].")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the mixture.")
+    text_field: str = Field("text", min_length=1, description="Field or column holding the document text (not used for txt).")
+    format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "txt"]] = Field(
+        None, description="Force a file format; None = from each file's extension."
+    )
+    txt_unit: Literal["line", "file"] = Field("line", description="For txt files: one document per line or per file.")
+
+
+class CleanConfig(_Section):
+    nfc: bool = Field(True, description="Normalize text to Unicode NFC (composed characters).")
+    strip_control: bool = Field(True, description="Remove control characters (NUL, escapes, C1) except tab and newlines.")
+    min_chars: int = Field(1, ge=1, description="Drop documents with fewer non-space characters (1 = drop only empty ones).")
+    max_chars: Optional[int] = Field(None, gt=0, description="Documents longer than this (characters) are handled by too_long; None = no limit.")
+    too_long: Literal["split", "truncate", "drop"] = Field("split", description="Too-long documents: split into max_chars pieces, truncate, or drop.")
+    dedup: bool = Field(False, description="Drop exact duplicates (by hash of the cleaned text) over the whole stream; see stream.py for the cost.")
+
+
+class StreamConfig(_Section):
+    kind: Literal["stream"] = Field("stream", description="Streamed documents for language-model tasks (set from task).")
+    sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")
+    validation_sources: list[SourceSpec] = Field([], description="Validation sources; [] = use holdout.")
+    holdout: int = Field(0, ge=0, description="Hold out this many train documents (seeded, from the first 10x) as validation.")
+    seed: int = Field(0, description="Seed of the mixture draws, shuffle and hold-out (independent of train.seed).")
+    shuffle_block: int = Field(0, ge=0, description="Shuffle documents within consecutive blocks of this many (seeded, resumable); 0 = keep order.")
+    on_source_end: Literal["stop", "drop", "repeat"] = Field(
+        "stop", description="When a mixed source runs out: stop the stream, drop it from the mixture, or repeat it (endless)."
+    )
+    max_documents: Optional[int] = Field(None, gt=0, description="Use only the first N train records (counted before cleaning; smoke runs).")
+    on_bad_record: Literal["skip", "error"] = Field("skip", description="A bad record (invalid JSON/UTF-8, missing text, ragged row): drop and count it, or stop with an error.")
+    max_record_bytes: int = Field(16 << 20, gt=0, description="Records (lines, rows, txt files) longer than this are bad records.")
+    clean: CleanConfig = CleanConfig()
+    seq_len: int = Field(512, ge=2, le=1_000_000, description="Tokens per packed sequence.")
+    split_documents: bool = Field(True, description="Let a document continue into the next sequence; False = start it on a new one (pads).")
+    doc_positions: bool = Field(False, description="Position ids restart at each document, so documents do not attend to each other (no attention_mask).")
+    eos_token_id: Optional[int] = Field(None, ge=0, description="Separator after each document; None = the tokenizer's EOS (or SEP).")
+    tokenize_batch: int = Field(64, gt=0, le=65_536, description="Documents per tokenizer call inside a worker.")
+    emit_doc_ids: bool = Field(False, description="Add per-token doc_ids (global document index) to batches; pop it before the model.")
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> "StreamConfig":
+        if self.validation_sources and self.holdout:
+            raise ValueError("set either validation_sources or holdout, not both")
         return self
 
 
@@ -118,14 +179,31 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification"] = Field("classification", description="What to train.")
+    task: Literal["classification", "causal_lm"] = Field("classification", description="What to train.")
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: Annotated[Union[DataConfig, StreamConfig], Field(discriminator="kind")] = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     dist: DistConfig = DistConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_follows_task(cls, raw: Any) -> Any:
+        """`data:` holds record files for classification and a stream for LM tasks."""
+        if isinstance(raw, dict) and isinstance(raw.get("data", {}), dict):
+            kind = "stream" if raw.get("task") in LM_TASKS else "files"
+            raw = {**raw, "data": {"kind": kind, **raw.get("data", {})}}
+        return raw
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> "Config":
+        if self.model.name_or_path is None and self.model.init == "pretrained":
+            self.model.name_or_path = DEFAULT_MODELS[self.task]
+        if self.model.init == "scratch" and not (self.model.preset or self.model.name_or_path):
+            raise ValueError("model.init=scratch needs model.preset (e.g. tiny) or a model.name_or_path whose config to use")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -196,9 +274,9 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         full = f"{prefix}{name}"
         keys.append(full)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, full + ".")
+        for ann in get_args(field.annotation) or (field.annotation,):
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                keys += _valid_keys(ann, full + ".")
     return keys
 
 
@@ -215,15 +293,19 @@ def _lookup(raw: Any, loc: tuple) -> Any:
 
 def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("files", "stream"))))
     key = ".".join(str(p) for p in loc) or "config"
     kind = err["type"]
     if kind == "extra_forbidden":
         guess = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+        if guess and guess[0] == key:
+            return f"config key {key} does not apply to task {raw.get('task', 'classification')}; remove it or change task."
         hint = f"did you mean {guess[0]}?" if guess else "see the config reference in README.md."
         return f"unknown config key {key}; {hint}"
     if kind == "value_error":
         return f"invalid config: {err['msg'].removeprefix('Value error, ')}."
+    if kind == "missing":
+        return f"config key {key} is required; add it to the config."
     value = _lookup(raw, loc)
     allowed = err["msg"][0].lower() + err["msg"][1:]
     return f"config key {key} has invalid value {value!r}: {allowed}."

@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from typing import Literal, Optional
+from typing import Optional
 
-from pydantic import Field
-
-from shardtune.config import _Section
+from shardtune.config import CleanConfig  # noqa: F401  (defined with the config tree)
 
 Counts = dict[str, int]
 
@@ -27,14 +25,6 @@ Counts = dict[str, int]
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]+")
 
-
-class CleanConfig(_Section):
-    nfc: bool = Field(True, description="Normalize text to Unicode NFC (composed characters).")
-    strip_control: bool = Field(True, description="Remove control characters (NUL, escapes, C1) except tab and newlines.")
-    min_chars: int = Field(1, ge=1, description="Drop documents with fewer non-space characters (1 = drop only empty ones).")
-    max_chars: Optional[int] = Field(None, gt=0, description="Documents longer than this (characters) are handled by too_long; None = no limit.")
-    too_long: Literal["split", "truncate", "drop"] = Field("split", description="Too-long documents: split into max_chars pieces, truncate, or drop.")
-    dedup: bool = Field(False, description="Drop exact duplicates (by hash of the cleaned text) over the whole stream; see stream.py for the cost.")
 
 
 def add_counts(dst: Counts, src: Counts) -> Counts:

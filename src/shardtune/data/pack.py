@@ -101,7 +101,7 @@ class _Row:
             seg, p = c, 0
 
     def finish(self, opt: PackOptions) -> tuple[list[int], list[int], list[int], list[int]]:
-        n, pad = len(self.ids), opt.seq_len - len(self.ids)
+        pad = opt.seq_len - len(self.ids)
         labels = self.ids + [IGNORE] * pad
         for i in self.ignore:
             labels[i] = IGNORE

@@ -20,27 +20,16 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
-
-from pydantic import Field
+from typing import Any, Iterator, Optional
 
 from shardtune import ShardtuneError
-from shardtune.config import _Section
+from shardtune.config import SourceSpec  # noqa: F401  (defined with the config tree)
 
 OK, BAD, SKIP = "ok", "bad", "skip"
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt"}
 HUB = "hub:"
 Event = tuple
 
-
-class SourceSpec(_Section):
-    path: str = Field(..., min_length=1, description="File, folder, glob (** allowed) or hub:NAME[:CONFIG][@SPLIT].")
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the mixture.")
-    text_field: str = Field("text", min_length=1, description="Field or column holding the document text (not used for txt).")
-    format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "txt"]] = Field(
-        None, description="Force a file format; None = from each file's extension."
-    )
-    txt_unit: Literal["line", "file"] = Field("line", description="For txt files: one document per line or per file.")
 
 
 def new_position() -> dict[str, Any]:

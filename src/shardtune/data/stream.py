@@ -76,47 +76,20 @@ import hashlib
 import json
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
-from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardtune import ShardtuneError
-from shardtune.config import _Section
-from shardtune.data.clean import CleanConfig, add_counts
+from shardtune.config import CleanConfig, SourceSpec, StreamConfig  # noqa: F401  (defined with the config tree)
+from shardtune.data.clean import add_counts
 from shardtune.data.docstream import UNSHUFFLED_BLOCK, DocStream, SplitPlan, plan_holdout, slot_documents
 from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch, tokenize_documents
-from shardtune.data.readers import SourceSpec, check_source
+from shardtune.data.readers import check_source
 
 __all__ = ["StreamConfig", "SourceSpec", "CleanConfig", "StreamLoader", "merge_states", "lockstep", "preview"]
 
 FORMAT = "shardtune.stream/1"
 Sync = Callable[[bool], Sequence[bool]]
 
-
-class StreamConfig(_Section):
-    sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")
-    validation_sources: list[SourceSpec] = Field([], description="Validation sources; [] = use holdout.")
-    holdout: int = Field(0, ge=0, description="Hold out this many train documents (seeded, from the first 10x) as validation.")
-    seed: int = Field(0, description="Seed of the mixture draws, shuffle and hold-out (independent of train.seed).")
-    shuffle_block: int = Field(0, ge=0, description="Shuffle documents within consecutive blocks of this many (seeded, resumable); 0 = keep order.")
-    on_source_end: Literal["stop", "drop", "repeat"] = Field(
-        "stop", description="When a mixed source runs out: stop the stream, drop it from the mixture, or repeat it (endless)."
-    )
-    max_documents: Optional[int] = Field(None, gt=0, description="Use only the first N train records (counted before cleaning; smoke runs).")
-    on_bad_record: Literal["skip", "error"] = Field("skip", description="A bad record (invalid JSON/UTF-8, missing text, ragged row): drop and count it, or stop with an error.")
-    max_record_bytes: int = Field(16 << 20, gt=0, description="Records (lines, rows, txt files) longer than this are bad records.")
-    clean: CleanConfig = CleanConfig()
-    seq_len: int = Field(512, ge=2, le=1_000_000, description="Tokens per packed sequence.")
-    split_documents: bool = Field(True, description="Let a document continue into the next sequence; False = start it on a new one (pads).")
-    doc_positions: bool = Field(False, description="Position ids restart at each document, so documents do not attend to each other (no attention_mask).")
-    eos_token_id: Optional[int] = Field(None, ge=0, description="Separator after each document; None = the tokenizer's EOS (or SEP).")
-    tokenize_batch: int = Field(64, gt=0, le=65_536, description="Documents per tokenizer call inside a worker.")
-    emit_doc_ids: bool = Field(False, description="Add per-token doc_ids (global document index) to batches; pop it before the model.")
-
-    @model_validator(mode="after")
-    def _one_validation(self) -> "StreamConfig":
-        if self.validation_sources and self.holdout:
-            raise ValueError("set either validation_sources or holdout, not both")
-        return self
 
 
 # ---------------------------------------------------------------- plan and state
