@@ -9,6 +9,7 @@ run config stays the single source of truth.
 from __future__ import annotations
 
 import os
+import resource
 from datetime import timedelta
 from typing import Any
 
@@ -116,12 +117,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def state_bytes(acc: Accelerator, model: torch.nn.Module, optimizer) -> dict[str, list[int]]:
-    """Live parameter, gradient-partition and optimizer-state bytes held by each rank (all ranks' lists)."""
+    """Live parameter and optimizer-state bytes, and peak RSS, of each rank (lists over ranks). Collective."""
     params = _bytes(_local(p) for p in model.parameters())
     base = optimizer
     while hasattr(base, "optimizer"):  # Accelerate wrapper -> (ZeRO optimizer ->) the torch optimizer
         base = base.optimizer
     opt = _bytes(v for state in base.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    mine = torch.tensor([params, opt], dtype=torch.float64, device=acc.device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    mine = torch.tensor([params, opt, rss], dtype=torch.float64, device=acc.device)
     every = acc.gather(mine[None]).tolist()
-    return {"param_bytes": [int(r[0]) for r in every], "optim_state_bytes": [int(r[1]) for r in every]}
+    keys = ["param_bytes", "optim_state_bytes", "peak_rss_bytes"]
+    return {k: [int(r[i]) for r in every] for i, k in enumerate(keys)}
