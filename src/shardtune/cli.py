@@ -42,6 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--launch-dir", type=Path, help="folder of strategy configs (default: the checkout's launch/)")
     la.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
+    pp = sub.add_parser(
+        "preprocess",
+        help="show (and cache) what the streaming stage makes of a causal_lm config",
+        description="Stream the config's data once: print the first N packed rows decoded, one [doc G] mark per "
+        "document, and the stage's stats; with --write, cache the packed rows as shards for later runs.",
+    )
+    pp.add_argument("config", help="YAML config file with task: causal_lm")
+    pp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.seq_len=256")
+    pp.add_argument("--show", type=int, default=3, metavar="N", help="packed rows to print decoded (default 3)")
+    pp.add_argument("--write", type=Path, metavar="DIR", help="cache every packed row under DIR (a new or empty folder)")
+    pp.add_argument("--split", choices=("train", "validation"), default="train", help="which split (default: train)")
+    pp.add_argument("--max-rows", type=int, metavar="R", help="stream at most R rows (default: 1000 without --write, all with it)")
+
+    ex = sub.add_parser("export", help="checkpoint -> HF safetensors folder", description="Consolidate a checkpoint (ZeRO shards too) into an HF folder.")
+    ex.add_argument("checkpoint", type=Path, help="runs/.../checkpoints/step-N")
+    ex.add_argument("--out", type=Path, required=True, help="the HF folder to write")
+    ex.add_argument("--max-shard-size", default="2GB", help="split weights into files of at most this size")
+
     pr = sub.add_parser("predict", help="classify texts with a trained run", description="Print label and probabilities.")
     pr.add_argument("run_dir", type=Path, help="run folder written by `shardtune train` (or its model/ folder)")
     pr.add_argument("texts", nargs="*", help="texts to classify")
@@ -94,6 +112,23 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from shardtune.config import load_config
+    from shardtune.preprocess import preprocess
+
+    cfg = load_config(args.config, args.overrides)
+    preprocess(cfg, show=args.show, write=args.write, split=args.split, max_rows=args.max_rows)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from shardtune.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.max_shard_size)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from shardtune.predict import format_prediction, predict, read_texts
 
@@ -121,7 +156,7 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict}
+COMMANDS = {"train": cmd_train, "preprocess": cmd_preprocess, "predict": cmd_predict, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

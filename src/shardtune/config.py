@@ -105,6 +105,7 @@ class StreamConfig(_Section):
     eos_token_id: Optional[int] = Field(None, ge=0, description="Separator after each document; None = the tokenizer's EOS (or SEP).")
     tokenize_batch: int = Field(64, gt=0, le=65_536, description="Documents per tokenizer call inside a worker.")
     emit_doc_ids: bool = Field(False, description="Add per-token doc_ids (global document index) to batches; pop it before the model.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank (tokenize and pack there).")
 
     @model_validator(mode="after")
     def _one_validation(self) -> "StreamConfig":
@@ -137,6 +138,10 @@ class TrainConfig(_Section):
     metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
+    eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches per process (streams); None = the whole eval set.")
+    save_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between checkpoints; None = no checkpoints.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest ones).")
+    resume: str = Field("auto", min_length=1, description="auto = newest complete checkpoint in output.dir, never, or a checkpoint path.")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto = bar on a terminal, log lines otherwise.")
 
     # YAML 1.1 reads unquoted no/off/on as booleans; take them as the words the user wrote.
@@ -256,6 +261,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    if value in ("None", "none"):  # Python spelling of YAML's null
+        value = None
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

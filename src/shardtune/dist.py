@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,12 +56,16 @@ def _deepspeed_plugin(cfg: Config) -> DeepSpeedPlugin:
         import deepspeed  # noqa: F401
     except ImportError:
         raise ShardtuneError("this strategy needs DeepSpeed; `pip install deepspeed` (or choose ddp, fsdp or cpu).") from None
-    return DeepSpeedPlugin(
+    plugin = DeepSpeedPlugin(
         hf_ds_config=path,
         gradient_accumulation_steps=cfg.train.grad_accum,
         gradient_clipping=cfg.optim.max_grad_norm or 0.0,  # 0 = no clipping for DeepSpeed
         zero3_init_flag=_env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"),
     )
+    # the loop prepares data loaders on their own, so Accelerate cannot read the micro-batch off them
+    if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    return plugin
 
 
 def strategy_name(acc: Accelerator) -> str:
@@ -77,23 +82,60 @@ def _zero3(acc: Accelerator) -> bool:
     return acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
 
-def full_state_dict(acc: Accelerator, model) -> dict | None:
-    """The whole model's weights on CPU: on every rank, or on the main rank only under ZeRO-3. Collective."""
-    state = acc.get_state_dict(model)
-    return None if state is None else {k: t.detach().to("cpu", copy=True) for k, t in state.items()}
+def _load_into(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise ShardtuneError(
+            f"the saved weights do not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+            "they come from another model: point at a checkpoint of this run's model."
+        )
 
 
-def load_full_state_dict(acc: Accelerator, model, state: dict | None) -> None:
-    """Inverse of `full_state_dict` (under ZeRO-3 the main rank's copy is scattered back). Collective."""
+def load_weights(acc: Accelerator, model, folder: Path) -> None:
+    """Load an HF safetensors folder into the live (possibly ZeRO-3 partitioned) model. Collective."""
     unwrapped = acc.unwrap_model(model)
+
+    def read() -> dict:
+        # from_pretrained, not raw safetensors: it maps the key names save_pretrained wrote back to the model's
+        from transformers.integrations import deepspeed as hf_ds
+
+        ref = hf_ds._hf_deepspeed_config_weak_ref
+        hf_ds.unset_hf_deepspeed_config()  # a plain CPU copy, not another ZeRO-3 partitioned model
+        try:
+            return type(unwrapped).from_pretrained(folder).state_dict()
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = ref
+
     if _zero3(acc):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=0):
             if acc.is_main_process:
-                unwrapped.load_state_dict(state)
+                _load_into(unwrapped, read())
     else:
-        unwrapped.load_state_dict(state)
+        _load_into(unwrapped, read())
+
+
+def all_flags(acc: Accelerator):
+    """sync(has) -> every rank's flag: how ranks agree to stop on an uneven stream."""
+
+    def sync(has: bool) -> list[bool]:
+        if acc.num_processes == 1:
+            return [has]
+        flags = acc.gather(torch.tensor([int(has)], device=acc.device))
+        return [bool(f) for f in flags.tolist()]
+
+    return sync
+
+
+def gather_objects(acc: Accelerator, obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if acc.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
 
 
 def from_main(acc: Accelerator, value: Any) -> Any:

@@ -1,38 +1,43 @@
 """The training loop. The order of a step is written once, here:
 
-LR -> forward -> backward -> (on the last micro-batch) clip -> step -> zero
--> log -> eval -> early stop / best model.
+forward -> backward -> (on the last micro-batch) clip -> step -> LR step -> zero
+-> log -> eval -> best model / early stop -> checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from shardtune import ShardtuneError
-from shardtune.checkpoint import METRICS_FILE, choose_run_dir, export_model, save_config, write_json, MODEL_DIR
-from shardtune.config import Config
-from shardtune.data.classification import Encoded, load_splits, make_loader
-from shardtune.dist import (
-    build_accelerator,
-    from_main,
-    full_state_dict,
-    load_full_state_dict,
-    state_bytes,
-    strategy_name,
+from shardtune.checkpoint import (
+    METRICS_FILE,
+    MODEL_DIR,
+    choose_run_dir,
+    export_model,
+    find_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_config,
+    write_json,
 )
-from shardtune.metrics import evaluate
-from shardtune.models import load_classifier, load_tokenizer
+from shardtune.config import Config
+from shardtune.dist import build_accelerator, from_main, load_weights, state_bytes, strategy_name
+from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.progress import Progress
+from shardtune.tasks import build_task
 from shardtune.tracking import Tracker
 
-BEST_METRICS = ("eval/loss", "eval/accuracy", "eval/f1_macro")
+BEST_METRICS = {
+    "classification": ("eval/loss", "eval/accuracy", "eval/f1_macro"),
+    "causal_lm": ("eval/loss", "eval/perplexity"),
+}
 
 
 @dataclass
@@ -54,109 +59,119 @@ class Window:
 
 
 @dataclass
-class Best:
-    metric: str
-    greater: bool
-    value: float | None = None
-    step: int = 0
-    state: dict | None = None
-    bad_evals: int = 0
+class RunState:
+    """What a checkpoint needs besides model/optimizer/RNG: everything here is JSON."""
 
-    def update(self, metrics: dict[str, float], step: int, state_fn) -> bool:
-        """Record an eval; True when it improved on the best so far."""
-        v = metrics[self.metric]
-        if self.value is None or (v > self.value if self.greater else v < self.value):
-            self.value, self.step, self.bad_evals = v, step, 0
-            self.state = state_fn()
-            return True
-        self.bad_evals += 1
-        return False
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    best_metric: str = "eval/loss"
+    greater: bool = False
+    best_value: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    best_dir: str | None = None  # where the best model was exported (an earlier run folder, after a resume elsewhere)
+    wandb_id: str | None = None
+
+    def improved(self, value: float) -> bool:
+        better = self.best_value is None or (value > self.best_value if self.greater else value < self.best_value)
+        self.bad_evals = 0 if better else self.bad_evals + 1
+        return better
 
 
 def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
-    if cfg.train.metric_for_best not in BEST_METRICS:
-        raise ShardtuneError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not logged; use one of {', '.join(BEST_METRICS)}.")
+    allowed = BEST_METRICS[cfg.task]
+    if cfg.train.metric_for_best not in allowed:
+        raise ShardtuneError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not logged for {cfg.task}; use one of {', '.join(allowed)}.")
     acc = build_accelerator(cfg)
     set_seed(cfg.train.seed)
     run_dir = Path(from_main(acc, str(choose_run_dir(cfg, config_name)) if acc.is_main_process else None))
+    ckpt = from_main(acc, find_checkpoint(run_dir, cfg.train.resume) if acc.is_main_process else None)
 
     tokenizer = load_tokenizer(cfg.model)
-    splits = load_splits(cfg.data)
-    label2id = {lab: i for i, lab in enumerate(splits.labels)}
-    model = load_classifier(cfg.model, splits.labels)
-    encode = lambda exs: Encoded(exs, tokenizer, label2id, cfg.model.max_length)  # noqa: E731
-    train_loader = make_loader(encode(splits.train), tokenizer, cfg.train.batch_size, True, cfg.train.seed, cfg.data.num_workers)
-    eval_loaders = {
-        name: make_loader(encode(exs), tokenizer, cfg.train.eval_batch_size, False, 0, cfg.data.num_workers)
-        for name, exs in [("eval", splits.validation), ("test", splits.test)]
-        if exs
-    }
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
-    eval_loaders = {k: acc.prepare(v) for k, v in eval_loaders.items()}
-
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
-    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    task = build_task(cfg, acc, tokenizer)
+    optimizer = build_optimizer(task.model, cfg.optim)
+    model, optimizer = acc.prepare(task.model, optimizer)
+    total = task.total_steps()
     # Stepped by hand on optimizer steps only; Accelerate's wrapper would step it once per process.
     scheduler = build_scheduler(optimizer, cfg.optim, total)
+    metric = cfg.train.metric_for_best
+    greater = cfg.train.greater_is_better
+    run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro")))
+    if ckpt is not None:
+        saved = read_state(ckpt)
+        _check_resumable(acc, saved, ckpt, cfg)
+        acc.load_state(str(ckpt))  # model, optimizer, every rank's RNG
+        run = RunState(**saved["run"])
+        scheduler.load_state_dict(saved["scheduler"])
+        task.restore(saved["data"])
 
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, cfg)
-    tracker = Tracker(cfg.tracking, run_dir, cfg.to_dict(), acc.is_main_process, run_dir.name)
-    progress = Progress(total, acc.is_main_process, cfg.train.progress_bar)
-    progress.write(
-        f"shardtune: {len(splits.train)} train / {len(splits.validation)} eval / {len(splits.test)} test examples, "
-        f"{len(splits.labels)} labels, {total} steps, {acc.num_processes} process(es) -> {run_dir}"
-    )
+    tracker = Tracker(cfg.tracking, run_dir, cfg.to_dict(), acc.is_main_process, run_dir.name, run_id=run.wandb_id)
+    run.wandb_id = from_main(acc, tracker.run_id)
+    progress = Progress(total, acc.is_main_process, cfg.train.progress_bar, start=run.step)
+    resumed = f", resumed from {ckpt.name} at step {run.step}" if ckpt else ""
+    progress.write(f"shardtune: {task.describe()}, {total} steps, {acc.num_processes} process(es) -> {run_dir}{resumed}")
 
-    greater = cfg.train.greater_is_better
-    best = Best(cfg.train.metric_for_best, greater if greater is not None else not cfg.train.metric_for_best.endswith("loss"))
-    step, last_eval, grad_norm, window, started = 0, 0, 0.0, Window(), time.perf_counter()
-    seen = {"train/samples": 0, "train/tokens": 0}
-    stop = False
+    started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
     model.train()
-    while step < total and not stop:
-        for batch in train_loader:
-            with acc.accumulate(model):
-                loss = model(**batch).loss
-                window.add(loss, batch)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = _clip(acc, model, cfg.optim.max_grad_norm)
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            progress.step()
-            if step % cfg.train.log_every == 0 or step == total:
-                metrics = _window_metrics(acc, window, lr, grad_norm, seen)
-                tracker.log(metrics, step)
-                progress.log(step, metrics)
-                window = Window()
-            if "eval" in eval_loaders and cfg.train.eval_every and (step % cfg.train.eval_every == 0) and step < total:
-                stop = _eval_and_select(acc, model, eval_loaders["eval"], best, splits.labels, step, tracker, progress, cfg)
-                last_eval = step
-                window.start = time.perf_counter()  # throughput counts training time only
-            if step >= total or stop:
-                break
+    batches = task.batches()
+    while run.step < total and not stop:
+        batch = next(batches, None)
+        if batch is None:  # the data ran out (a finite stream)
+            if run.step == 0 and ckpt is None:
+                raise ShardtuneError(
+                    f"the training data ran out before the first step: {acc.num_processes} process(es) found no full batch "
+                    "each (ranks stop together when one runs out); use fewer processes or workers, a smaller batch, or more data."
+                )
+            progress.write(f"data exhausted at step {run.step}")
+            break
+        with acc.accumulate(model):
+            loss = model(**batch).loss
+            window.add(loss, batch)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            continue
+        run.step += 1
+        progress.step()
+        if run.step % cfg.train.log_every == 0 or run.step == total:
+            metrics = _window_metrics(acc, window, lr, grad_norm, run)
+            tracker.log(metrics, run.step)
+            progress.log(run.step, metrics)
+            window = Window()
+        if task.has_split("eval") and cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < total:
+            stop = _eval_and_select(acc, task, model, run, tracker, progress, run_dir, cfg)
+            last_eval, window.start = run.step, time.perf_counter()  # throughput counts training time only
+        if cfg.train.save_every and (run.step % cfg.train.save_every == 0 or stop):
+            _checkpoint(acc, task, run, scheduler, run_dir, cfg)
+            window.start = time.perf_counter()
 
-    if "eval" in eval_loaders and last_eval != step:
-        _eval_and_select(acc, model, eval_loaders["eval"], best, splits.labels, step, tracker, progress, cfg)
-    if best.value is not None and best.step != step:
-        load_full_state_dict(acc, model, best.state)
-        progress.write(f"best model: step {best.step} ({best.metric}={best.value:.4f})")
-    result = {"train/steps": step, "train/runtime_s": time.perf_counter() - started, **seen}
-    result.update({f"dist/{k}": v for k, v in state_bytes(acc, model, optimizer).items()})
+    bytes_per_rank = state_bytes(acc, model, optimizer)  # training's peak, before final eval and export
+    if task.has_split("eval") and last_eval != run.step:
+        _eval_and_select(acc, task, model, run, tracker, progress, run_dir, cfg)
+    if run.best_value is None:  # no eval: the final weights are the model
+        export_model(acc, model, tokenizer, task.labels, run_dir / MODEL_DIR)
+    elif run.best_step != run.step:
+        load_weights(acc, model, Path(run.best_dir))
+        progress.write(f"best model: step {run.best_step} ({metric}={run.best_value:.4f})")
+        if Path(run.best_dir) != (run_dir / MODEL_DIR).resolve():
+            export_model(acc, model, tokenizer, task.labels, run_dir / MODEL_DIR)
+    result = {"train/steps": run.step, "train/runtime_s": time.perf_counter() - started}
+    result.update({"train/samples": run.samples, "train/tokens": run.tokens})
+    result.update({f"dist/{k}": v for k, v in bytes_per_rank.items()})
     result.update({"dist/strategy": strategy_name(acc), "dist/num_processes": acc.num_processes})
-    if best.value is not None:
-        result.update({"best/step": best.step, f"best/{best.metric}": best.value})
-    if "test" in eval_loaders:
-        result.update(evaluate(acc, model, eval_loaders["test"], len(splits.labels), "test"))
-    export_model(acc, model, tokenizer, splits.labels, run_dir / MODEL_DIR)
+    if run.best_value is not None:
+        result.update({"best/step": run.best_step, f"best/{metric}": run.best_value})
+    if task.has_split("test"):
+        result.update(task.evaluate(model, "test"))
     progress.close()
     if acc.is_main_process:
         write_json(run_dir / METRICS_FILE, result)
@@ -168,35 +183,58 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     return result
 
 
-def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
-    """Clip (when configured) and return the global grad norm before clipping."""
-    return acc.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else math.inf)
+MODEL_KEYS = ("name_or_path", "init", "preset", "arch")
 
 
-def _window_metrics(acc, w: Window, lr: float, grad_norm, seen: dict) -> dict[str, float]:
+def _check_resumable(acc, saved: dict, ckpt: Path, cfg: Config) -> None:
+    """Refuse what cannot load: another model, or ZeRO shards (per rank) into another number of ranks."""
+    was_model = {k: saved["config"]["model"].get(k) for k in MODEL_KEYS}
+    now_model = {k: cfg.to_dict()["model"][k] for k in MODEL_KEYS}
+    if saved["config"]["task"] != cfg.task or was_model != now_model:
+        diff = ", ".join(f"model.{k}: {was_model[k]!r} -> {now_model[k]!r}" for k in MODEL_KEYS if was_model[k] != now_model[k])
+        raise ShardtuneError(
+            f"checkpoint {ckpt} is of another model ({diff or 'task ' + saved['config']['task']}); "
+            "resume with the config it was saved with, or set train.resume=never."
+        )
+    was, now = saved.get("world_size", 1), acc.num_processes
+    if was != now and (saved.get("strategy", "").startswith("zero") or strategy_name(acc).startswith("zero")):
+        raise ShardtuneError(
+            f"checkpoint {ckpt} holds ZeRO shards of {was} process(es) and cannot load into {now}; resume with {was}, "
+            f"or `shardtune export {ckpt} --out DIR` and start a new run from DIR (optimizer state is not kept)."
+        )
+
+
+def _window_metrics(acc, w: Window, lr: float, grad_norm, run: RunState) -> dict[str, float]:
     elapsed = time.perf_counter() - w.start
     sums = torch.tensor([float(w.loss), w.micro_batches, w.samples, float(w.tokens)], dtype=torch.float64, device=acc.device)
-    sums = acc.reduce(sums, reduction="sum")
-    loss, micro, samples, tokens = sums.tolist()
-    seen["train/samples"] += int(samples)
-    seen["train/tokens"] += int(tokens)
+    loss, micro, samples, tokens = acc.reduce(sums, reduction="sum").tolist()
+    run.samples += int(samples)
+    run.tokens += int(tokens)
     return {
         "train/loss": loss / max(micro, 1),
         "train/lr": lr,
-        "train/grad_norm": float(grad_norm),
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
         "train/samples_per_s": samples / elapsed,
         "train/tokens_per_s": tokens / elapsed,
     }
 
 
-def _eval_and_select(acc, model, loader, best: Best, labels, step, tracker, progress, cfg: Config) -> bool:
-    """Eval, update the best model; True when early stopping says stop."""
-    metrics = evaluate(acc, model, loader, len(labels), "eval")
-    tracker.log(metrics, step)
-    improved = best.update(metrics, step, lambda: full_state_dict(acc, model))
-    progress.write(f"eval @ step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + (" *" if improved else ""))
+def _eval_and_select(acc, task, model, run: RunState, tracker, progress, run_dir: Path, cfg: Config) -> bool:
+    """Eval; export the model when it is the best so far. True when early stopping says stop."""
+    metrics = task.evaluate(model, "eval")
+    tracker.log(metrics, run.step)
+    improved = run.improved(metrics[run.best_metric])
+    if improved:
+        run.best_value, run.best_step, run.best_dir = metrics[run.best_metric], run.step, str((run_dir / MODEL_DIR).resolve())
+        export_model(acc, model, task.tokenizer, task.labels, run_dir / MODEL_DIR)
+    progress.write(f"eval @ step {run.step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + (" *" if improved else ""))
     patience = cfg.train.early_stopping_patience
-    if patience and best.bad_evals >= patience:
-        progress.write(f"early stopping: {best.metric} has not improved for {patience} evals")
+    if patience and run.bad_evals >= patience:
+        progress.write(f"early stopping: {run.best_metric} has not improved for {patience} evals")
         return True
     return False
+
+
+def _checkpoint(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config) -> None:
+    state = {"run": asdict(run), "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "strategy": strategy_name(acc), "labels": task.labels, "data": task.data_state(), "config": cfg.to_dict()}
+    save_checkpoint(acc, run_dir, run.step, state, cfg.train.save_total_limit)

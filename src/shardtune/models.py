@@ -23,7 +23,7 @@ def resolve_model(name: str) -> str:
     """A local folder, packaged name or cached hub name -> what `from_pretrained` takes."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json")):
             raise ShardtuneError(f"model folder {path} has no config.json; point model.name_or_path at a saved HF model folder.")
         return str(path)
     packaged = packaged_model(name)
@@ -81,3 +81,39 @@ def load_classifier(cfg: ModelConfig, labels: list[str]):
         )
     except OSError as exc:
         raise _hub_error(cfg.name_or_path, exc) from None
+
+
+# Llama-architecture sizes for pretraining from scratch (vocab from the tokenizer).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+}
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    try:
+        if cfg.init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+        else:
+            if cfg.preset is not None:
+                if cfg.preset not in PRESETS:
+                    raise ShardtuneError(f"unknown model.preset {cfg.preset!r}; choose one of {', '.join(PRESETS)} or leave it empty.")
+                mcfg = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(cfg.max_length, 2048), **PRESETS[cfg.preset])
+            else:
+                mcfg = AutoConfig.from_pretrained(resolve_model(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+            for key, value in cfg.arch.items():
+                if not hasattr(mcfg, key):
+                    raise ShardtuneError(f"model.arch.{key} is not a field of {type(mcfg).__name__}; check the spelling.")
+                setattr(mcfg, key, value)
+            if tokenizer.eos_token_id is not None:
+                mcfg.eos_token_id = tokenizer.eos_token_id
+            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(cfg.name_or_path, exc) from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model

@@ -11,15 +11,15 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool, mode: str = "auto"):
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool, mode: str = "auto", start: int = 0):
+        self.total, self.enabled, self.first = total, enabled, start
         self.start = time.perf_counter()
         use_bar = mode == "on" or (mode == "auto" and sys.stderr.isatty())
         self.bar = None
         if enabled and use_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -33,7 +33,7 @@ class Progress:
             self.bar.set_postfix_str(_fmt({k: v for k, v in metrics.items() if k in ("train/loss", "train/tokens_per_s")}))
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
         print(f"step {step}/{self.total} {_fmt(metrics)} elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
 
     def write(self, text: str) -> None:

@@ -53,7 +53,7 @@ def wandb_mode(cfg: TrackingConfig) -> str:
 class Tracker:
     """Fan-out of scalar metrics to the configured backends; a no-op off the main process."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str):
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str, run_id: str | None = None):
         self.run = None
         self.tb = None
         self.jsonl = None
@@ -62,11 +62,15 @@ class Tracker:
         # Every logged row, whatever the backends: for scripts, tests and `tail -f`.
         self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
         if "wandb" in cfg.report_to:
-            self.run = _init_wandb(cfg, run_dir, redact(config), default_name)
+            self.run = _init_wandb(cfg, run_dir, redact(config), default_name, run_id)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
@@ -96,7 +100,7 @@ class Tracker:
             self.jsonl.close()
 
 
-def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str):
+def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str, run_id: str | None):
     import wandb
 
     mode = wandb_mode(cfg)
@@ -112,5 +116,7 @@ def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: 
         config=config,
         dir=str(run_dir),
         mode=mode,
+        id=run_id or os.environ.get("WANDB_RUN_ID"),
+        resume="allow",  # a resumed run continues the same W&B run
         settings=wandb.Settings(silent=True, console="off"),
     )

@@ -24,6 +24,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from shardtune.data.clean import Counts, add_counts
@@ -49,14 +50,22 @@ class TokDoc:
     starts: list[int]  # offsets in ids where a piece starts
 
 
+# Characters per tokenizer call at most (besides `batch_docs` documents): with long documents a call
+# of 64 of them is ~0.5-1 s of one core, during which the worker yields no batch and a fast training
+# step waits (measured: 13% of the time at 30 ms steps); 32K characters is ~20 ms.
+TOKENIZE_CHARS = 1 << 15
+
+
 def tokenize_documents(docs: Iterator[Doc], tokenizer, eos_id: int, batch_docs: int) -> Iterator[TokDoc]:
-    """Documents with their tokens, tokenizing `batch_docs` documents per tokenizer call."""
+    """Documents with their tokens, tokenizing up to `batch_docs` documents (and TOKENIZE_CHARS) per call."""
     buf: list[Doc] = []
+    chars = 0
     for doc in docs:
         buf.append(doc)
-        if len(buf) >= batch_docs or doc.end:
+        chars += sum(map(len, doc.pieces or ()))
+        if len(buf) >= batch_docs or chars >= TOKENIZE_CHARS or doc.end:
             yield from _tokenize(buf, tokenizer, eos_id)
-            buf = []
+            buf, chars = [], 0
     yield from _tokenize(buf, tokenizer, eos_id)
 
 
@@ -161,14 +170,19 @@ def pack_rows(tokdocs: Iterator[TokDoc], opt: PackOptions, counts: Counts) -> It
     yield None, _state(td, len(td.ids), counts)
 
 
+def _long(rows) -> torch.Tensor:
+    # via numpy: about 3x faster than torch.tensor() on nested lists (7% of the stage's time before)
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
+
+
 def collate(rows: list[tuple], opt: PackOptions) -> dict[str, torch.Tensor]:
     ids, labels, docs, pos = zip(*rows)
-    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
-    doc_t = torch.tensor(docs, dtype=torch.long)
+    batch = {"input_ids": _long(ids), "labels": _long(labels)}
+    doc_t = _long(docs)
     if opt.doc_positions:
         # No attention_mask: transformers builds a per-document causal mask from position_ids only when
         # attention_mask is None, and right padding needs no mask in a causal LM (pads come last).
-        batch["position_ids"] = torch.tensor(pos, dtype=torch.long)
+        batch["position_ids"] = _long(pos)
     else:
         batch["attention_mask"] = (doc_t >= 0).long()
     if opt.emit_doc_ids:

@@ -13,7 +13,8 @@ StreamLoader(cfg, tokenizer, *, split="train", rank=0, world_size=1, num_workers
     loader.peek(), .next()   step-wise consumption without sync (what lockstep uses)
 merge_states(parts)          the whole state from every rank's state_dict() (all-gather them at save)
 lockstep(loaders, uneven)    drive several ranks' loaders in one process (tests, tools)
-preview(cfg, tokenizer, n)   -> (first n packed rows as dicts, stats), for `shardtune preprocess`
+preview(cfg, tokenizer, n)   -> (first n packed rows as dicts, stats); `shardtune preprocess`
+                             (preprocess.py) streams once itself, to time it and write a cache
 
 Rank and world size are arguments; nothing here reads RANK/LOCAL_RANK/SLURM_*.
 Do not pass the loader through accelerator.prepare (it would shard again);

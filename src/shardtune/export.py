@@ -1,0 +1,76 @@
+"""`shardtune export CHECKPOINT --out DIR`: any checkpoint -> a plain HF safetensors folder.
+
+DDP/CPU checkpoints hold the whole model; ZeRO checkpoints hold per-rank
+shards that DeepSpeed's own consolidation turns into one fp32 state dict. The
+model skeleton is built on the meta device and the tensors are assigned into
+it, so memory holds one copy of the weights, not two; large models are
+written as sharded safetensors files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from shardtune import ShardtuneError
+from shardtune.checkpoint import LABELS_FILE, check_checkpoint, read_state, write_json
+from shardtune.config import validate
+
+
+def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    if (ckpt / "pytorch_model").is_dir():  # DeepSpeed: consolidate the ZeRO shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise ShardtuneError(f"{ckpt} holds no model weights (model.safetensors or pytorch_model/); pass a checkpoint folder.")
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def _skeleton(cfg, labels):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from shardtune.models import load_causal_lm, load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(cfg.model)
+    with torch.device("meta"):
+        if cfg.task == "classification":
+            mcfg = AutoConfig.from_pretrained(
+                resolve_model(cfg.model.name_or_path), num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=cfg.model.trust_remote_code,
+            )
+            model = AutoModelForSequenceClassification.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            model = load_causal_lm(cfg.model.model_copy(update={"init": "scratch", "gradient_checkpointing": False}), tokenizer)
+    return model, tokenizer
+
+
+def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB") -> Path:
+    why = check_checkpoint(ckpt) if ckpt.is_dir() else "no such folder"
+    if why:
+        raise ShardtuneError(f"cannot export {ckpt}: {why}; pass a complete checkpoint folder (runs/.../checkpoints/step-N).")
+    saved = read_state(ckpt)
+    cfg = validate(saved["config"])
+    labels = saved.get("labels")
+    model, tokenizer = _skeleton(cfg, labels)
+    state = _state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise ShardtuneError(f"the weights in {ckpt} do not fit its config's model (missing {sorted(set(missing) - tied)[:3]}); the checkpoint is damaged.")
+    model.tie_weights()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    if labels:
+        write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(labels))})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
