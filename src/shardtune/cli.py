@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--split", choices=("train", "validation"), default="train", help="which split (default: train)")
     pp.add_argument("--max-rows", type=int, metavar="R", help="stream at most R rows (default: 1000 without --write, all with it)")
 
+    pl = sub.add_parser(
+        "plan",
+        help="memory per GPU for each strategy: what fits, largest micro-batch",
+        description="Estimate parameters, gradients, optimizer state and activations per GPU for ddp, zero1/2/3, "
+        "zero3_offload and fsdp (no GPU needed), and name the fastest strategy that fits.",
+    )
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=4")
+    pl.add_argument("--gpus", type=int, help="GPUs per node (default: all visible)")
+    pl.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB, 80GB, 24G, 81920MiB (default: GPU 0's)")
+    pl.add_argument("--nodes", type=int, default=1, help="number of nodes")
+
     ex = sub.add_parser("export", help="checkpoint -> HF safetensors folder", description="Consolidate a checkpoint (ZeRO shards too) into an HF folder.")
     ex.add_argument("checkpoint", type=Path, help="runs/.../checkpoints/step-N")
     ex.add_argument("--out", type=Path, required=True, help="the HF folder to write")
@@ -121,6 +133,23 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from shardtune.config import load_config
+    from shardtune.plan import parse_memory, plan
+
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    cfg = load_config(args.config, args.overrides)
+    cuda = torch.cuda.device_count()
+    if (args.gpus is None or memory is None) and not cuda:
+        raise ShardtuneError("no CUDA GPU is visible here, so say what to plan for: e.g. --gpus 8 --gpu-memory 80GiB.")
+    gpus = args.gpus if args.gpus is not None else cuda
+    memory = memory if memory is not None else torch.cuda.get_device_properties(0).total_memory
+    print(plan(cfg, gpus, memory, args.nodes).table())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from shardtune.export import export_checkpoint
 
@@ -156,7 +185,7 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-COMMANDS = {"train": cmd_train, "preprocess": cmd_preprocess, "predict": cmd_predict, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "preprocess": cmd_preprocess, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,12 @@ def load_weights(acc: Accelerator, model, folder: Path) -> None:
         finally:
             hf_ds._hf_deepspeed_config_weak_ref = ref
 
+    load_state(acc, model, read)
+
+
+def load_state(acc: Accelerator, model, read) -> None:
+    """Load `read()` (a full state dict, model key names) into the live model; under ZeRO-3 only the main rank reads. Collective."""
+    unwrapped = acc.unwrap_model(model)
     if _zero3(acc):
         import deepspeed
 

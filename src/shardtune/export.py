@@ -19,7 +19,8 @@ from shardtune.checkpoint import LABELS_FILE, check_checkpoint, read_state, writ
 from shardtune.config import validate
 
 
-def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a checkpoint, ZeRO shards consolidated (fp32)."""
     if (ckpt / "pytorch_model").is_dir():  # DeepSpeed: consolidate the ZeRO shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -58,7 +59,7 @@ def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB") -> Pat
     cfg = validate(saved["config"])
     labels = saved.get("labels")
     model, tokenizer = _skeleton(cfg, labels)
-    state = _state_dict(ckpt)
+    state = checkpoint_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if unexpected or set(missing) - tied:

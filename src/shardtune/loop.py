@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from shardtune.checkpoint import (
     write_json,
 )
 from shardtune.config import Config
-from shardtune.dist import build_accelerator, from_main, load_weights, state_bytes, strategy_name
+from shardtune.dist import build_accelerator, from_main, load_state, load_weights, state_bytes, strategy_name
 from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.progress import Progress
@@ -100,8 +101,20 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro")))
     if ckpt is not None:
         saved = read_state(ckpt)
-        _check_resumable(acc, saved, ckpt, cfg)
-        acc.load_state(str(ckpt))  # model, optimizer, every rank's RNG
+        _check_same_model(saved, ckpt, cfg)
+        if _zero_reshard(acc, saved):
+            from shardtune.export import checkpoint_state_dict
+
+            load_state(acc, model, lambda: checkpoint_state_dict(ckpt))
+            if acc.is_main_process:
+                warnings.warn(
+                    f"{ckpt} was saved by {saved['world_size']} process(es) under {saved['strategy']}, this run is "
+                    f"{acc.num_processes} under {strategy_name(acc)}: "
+                    "the model weights are consolidated and kept; the optimizer state and RNG states start fresh.",
+                    stacklevel=1,
+                )
+        else:
+            acc.load_state(str(ckpt))  # model, optimizer, every rank's RNG
         run = RunState(**saved["run"])
         scheduler.load_state_dict(saved["scheduler"])
         task.restore(saved["data"])
@@ -186,8 +199,8 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
 MODEL_KEYS = ("name_or_path", "init", "preset", "arch")
 
 
-def _check_resumable(acc, saved: dict, ckpt: Path, cfg: Config) -> None:
-    """Refuse what cannot load: another model, or ZeRO shards (per rank) into another number of ranks."""
+def _check_same_model(saved: dict, ckpt: Path, cfg: Config) -> None:
+    """A checkpoint of another model cannot load: say so before Accelerate fails on tensor shapes."""
     was_model = {k: saved["config"]["model"].get(k) for k in MODEL_KEYS}
     now_model = {k: cfg.to_dict()["model"][k] for k in MODEL_KEYS}
     if saved["config"]["task"] != cfg.task or was_model != now_model:
@@ -196,12 +209,14 @@ def _check_resumable(acc, saved: dict, ckpt: Path, cfg: Config) -> None:
             f"checkpoint {ckpt} is of another model ({diff or 'task ' + saved['config']['task']}); "
             "resume with the config it was saved with, or set train.resume=never."
         )
-    was, now = saved.get("world_size", 1), acc.num_processes
-    if was != now and (saved.get("strategy", "").startswith("zero") or strategy_name(acc).startswith("zero")):
-        raise ShardtuneError(
-            f"checkpoint {ckpt} holds ZeRO shards of {was} process(es) and cannot load into {now}; resume with {was}, "
-            f"or `shardtune export {ckpt} --out DIR` and start a new run from DIR (optimizer state is not kept)."
-        )
+
+
+def _zero_reshard(acc, saved: dict) -> bool:
+    """ZeRO shards are per rank and DeepSpeed's own format: into another number of ranks or another
+    strategy they load only consolidated (the model; optimizer state starts fresh)."""
+    was, now = saved.get("strategy", ""), strategy_name(acc)
+    zero = was.startswith("zero") or now.startswith("zero")
+    return zero and (saved.get("world_size", 1) != acc.num_processes or was != now)
 
 
 def _window_metrics(acc, w: Window, lr: float, grad_norm, run: RunState) -> dict[str, float]:
