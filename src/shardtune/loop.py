@@ -157,7 +157,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
         progress.step()
         if run.step % cfg.train.log_every == 0 or run.step == total:
             metrics = _window_metrics(acc, window, lr, grad_norm, run)
-            tracker.log(metrics, run.step)
+            tracker.log({**metrics, **task.stats()}, run.step)
             progress.log(run.step, metrics)
             window = Window()
         if task.has_split("eval") and cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < total:

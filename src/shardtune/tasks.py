@@ -84,6 +84,9 @@ class ClassificationTask:
     def has_split(self, split: str) -> bool:
         return split in self.eval_loaders
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
     def evaluate(self, model, split: str) -> dict[str, float]:
         return evaluate_classifier(self.acc, model, self.eval_loaders[split], len(self.labels), split)
 
@@ -133,6 +136,19 @@ class CausalLMTask:
 
     def restore(self, state: dict) -> None:
         self.state = state
+
+    def stats(self) -> dict[str, float]:
+        """The stream's counts so far (documents, tokens, drops by reason, packing efficiency), summed over ranks. Collective."""
+        from shardtune.dist import gather_objects
+
+        total: dict[str, float] = {}
+        for part in gather_objects(self.acc, self.loader.stats() if self.loader else {}):
+            for key, value in part.items():
+                if key != "data/packing_efficiency":
+                    total[key] = total.get(key, 0) + value
+        tokens, padding = total.get("data/tokens", 0), total.get("data/padding", 0)
+        total["data/packing_efficiency"] = tokens / (tokens + padding) if tokens + padding else 0.0
+        return total
 
     def has_split(self, split: str) -> bool:
         d = self.cfg.data
