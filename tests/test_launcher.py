@@ -118,3 +118,17 @@ def test_zero3_without_deepspeed_installed(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(ShardtuneError, match="needs DeepSpeed; `pip install deepspeed`"):
         _deepspeed_plugin(Config())
+
+
+def test_strategy_auto_picks_what_fits(run_cli):
+    from shardtune.cli import auto_strategy
+    from shardtune.config import load_config
+
+    code, out, _ = run_cli("launch", ROOT / "configs/quickstart.yaml", "--gpus", "0", "--dry-run", "dist.strategy=auto")
+    assert code == 0 and "strategy auto -> cpu" in out and out.strip().endswith("dist.strategy=cpu")
+    small = load_config(ROOT / "configs/quickstart.yaml")
+    assert auto_strategy(small, 8, 1, gpu_memory=80 * 2**30)[0] == "ddp"
+    assert auto_strategy(small, 1, 1, gpu_memory=80 * 2**30)[0] == "single_gpu"
+    big = load_config(ROOT / "configs/llama-1b-pretrain.yaml", ["train.batch_size=2"])
+    strategy, why = auto_strategy(big, 8, 1, gpu_memory=16 * 2**30)
+    assert strategy.startswith("zero") and "fits" in why

@@ -58,6 +58,17 @@ def test_wandb_offline_file_has_every_key_finite(tiny_run):
             assert math.isfinite(logged[step][key]), (step, key)
     cfg = wandb_reader.config(f)
     assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["max_steps"] == 12
+    for prev, step in zip(range(2, 13, 2), range(4, 13, 2)):  # throughput, timing and memory, consistent with each other
+        row = logged[step]
+        assert 0.0 <= row["train/data_wait_fraction"] <= 1.0 and row["memory/peak_rss_gib"] > 0.1
+        assert row["train/tokens_per_s_per_device"] == pytest.approx(row["train/tokens_per_s"])  # one process
+        window_tokens = row["train/tokens"] - logged[prev]["train/tokens"]
+        assert window_tokens == pytest.approx(row["train/tokens_per_s"] * row["time/step_s"] * 2, rel=1e-6)
+        phases = row["time/data_s"] + row["time/forward_backward_s"] + row["time/optimizer_s"]
+        assert 0 < phases <= row["time/step_s"] * 1.001 and row["time/forward_backward_s"] > 0
+        assert "train/mfu" not in row  # no known peak on a CPU
+    env = cfg["env"]
+    assert len(env["git_sha"] or "x" * 40) == 40 and env["versions"]["torch"] and env["hardware"]["num_processes"] == 1
     summary = wandb_reader.summary(f)
     assert math.isfinite(summary["test/accuracy"]) and summary["train/steps"] == 12
     run = wandb_reader.run_info(f)

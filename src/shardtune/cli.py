@@ -1,4 +1,4 @@
-"""`shardtune train|predict ...` — the command line.
+"""`shardtune train|predict|generate ...` — the command line.
 
 User errors (`ShardtuneError`) print one sentence and exit 2; anything else is a
 bug and keeps its traceback.
@@ -78,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", type=Path, help="JSONL/CSV/TSV/parquet file of texts")
     pr.add_argument("--column", default="text", help="text column in --file (default: text)")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    ge = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained causal LM",
+        description="Load a run's model (merged, or base + LoRA adapter) and print the continuation of PROMPT; greedy unless --temperature > 0.",
+    )
+    ge.add_argument("run_dir", type=Path, help="run folder written by `shardtune train` (or its model/ folder, or any HF model or adapter folder)")
+    ge.add_argument("prompt", help="text to continue")
+    ge.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    ge.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples at this temperature")
+    ge.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling (default 0)")
     return p
 
 
@@ -94,6 +105,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def auto_strategy(cfg, gpus: int, nodes: int, gpu_memory: int | None = None) -> tuple[str, str]:
+    """`strategy: auto`: the fastest strategy that fits by the memory plan of this machine's GPUs."""
+    import torch
+
+    if gpus == 0:
+        return "cpu", "no GPUs, so CPU processes over gloo"
+    from shardtune.plan import choose_strategy
+
+    memory = gpu_memory if gpu_memory is not None else torch.cuda.get_device_properties(0).total_memory
+    strategy, why = choose_strategy(cfg, gpus, memory, nodes)
+    return ("single_gpu" if strategy == "ddp" and gpus * nodes == 1 else strategy), why
+
+
 def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     import subprocess
 
@@ -104,9 +128,15 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = load_config(args.config, args.overrides)  # fail here, not in N processes
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+    strategy = args.strategy or cfg.dist.strategy or default_strategy(gpus)
+    overrides = list(args.overrides)
+    if strategy == "auto":
+        strategy, why = auto_strategy(cfg, gpus, args.nodes)
+        print(f"strategy auto -> {strategy}: {why}", flush=True)
+        overrides.append(f"dist.strategy={strategy}")  # the run's config (and W&B) records the choice
     spec = LaunchSpec(
         config=args.config,
-        strategy=args.strategy or cfg.dist.strategy or default_strategy(gpus),
+        strategy=strategy,
         launch_dir=args.launch_dir or find_launch_dir(Path.cwd(), Path(__file__)),
         gpus=gpus,
         processes=args.processes,
@@ -114,7 +144,7 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
         node_rank=args.node_rank,
         main_address=args.main_address,
         main_port=args.main_port,
-        overrides=args.overrides,
+        overrides=overrides,
         extra=extra,
     )
     cmd = build_command(spec)
@@ -173,6 +203,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardtune.generate import generate
+
+    print(generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Our own lines say what matters; the libraries' progress bars and load reports clutter logs."""
     import torch
@@ -185,7 +222,9 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-COMMANDS = {"train": cmd_train, "preprocess": cmd_preprocess, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export}
+COMMANDS = {
+    "train": cmd_train, "preprocess": cmd_preprocess, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export, "generate": cmd_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,14 @@ LM_TASKS = ("causal_lm",)
 DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m"}
 
 
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0, le=4096, description="Rank of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="Scale of the update (alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="Module names to adapt.")
+    merge: bool = Field(True, description="Export the merged model (plain HF folder); False = the adapter alone.")
+
+
 class ModelConfig(_Section):
     name_or_path: Optional[str] = Field(
         None, description="Local HF folder, packaged model (minilm-l6, smollm2-135m) or hub name; None = the task's packaged default."
@@ -40,6 +48,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub; off unless you trust it.")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="Override the model's dropout probabilities.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
+    lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (PEFT) instead of all weights; None = full fine-tune.")
 
 
 class DataConfig(_Section):
@@ -172,8 +181,10 @@ STRATEGIES = ("cpu", "single_gpu", "ddp", "zero1", "zero2", "zero3", "zero3_offl
 
 
 class DistConfig(_Section):
-    strategy: Optional[Literal[STRATEGIES]] = Field(
-        None, description="How `shardtune launch` runs it: cpu, single_gpu, ddp, zero1/2/3, zero3_offload, fsdp; None = ddp with GPUs, cpu without."
+    strategy: Optional[Literal[STRATEGIES + ("auto",)]] = Field(
+        None,
+        description="How `shardtune launch` runs it: cpu, single_gpu, ddp, zero1/2/3, zero3_offload, fsdp, or auto "
+        "(the fastest that fits by `shardtune plan`); None = ddp with GPUs, cpu without.",
     )
     timeout_minutes: float = Field(30, gt=0, description="Process-group timeout: a stuck collective fails after this.")
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 
 from shardtune import ShardtuneError
@@ -31,6 +30,7 @@ from shardtune.config import Config
 from shardtune.dist import build_accelerator, from_main, load_state, load_weights, state_bytes, strategy_name
 from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
+from shardtune.perf import Throughput, Window, environment
 from shardtune.progress import Progress
 from shardtune.tasks import build_task
 from shardtune.tracking import Tracker
@@ -39,24 +39,6 @@ BEST_METRICS = {
     "classification": ("eval/loss", "eval/accuracy", "eval/f1_macro"),
     "causal_lm": ("eval/loss", "eval/perplexity"),
 }
-
-
-@dataclass
-class Window:
-    """Sums over the steps since the last log line."""
-
-    loss: torch.Tensor | float = 0.0  # tensors, so the hot path never waits on the device
-    micro_batches: int = 0
-    samples: int = 0
-    tokens: torch.Tensor | int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
-        self.loss = self.loss + loss.detach().float()
-        self.micro_batches += 1
-        self.samples += batch["input_ids"].shape[0]
-        mask = batch.get("attention_mask")
-        self.tokens = self.tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
 
 
 @dataclass
@@ -122,7 +104,10 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_dir, cfg)
-    tracker = Tracker(cfg.tracking, run_dir, cfg.to_dict(), acc.is_main_process, run_dir.name, run_id=run.wandb_id)
+    perf = Throughput(acc, model, task.seq_len(), cfg.train.mixed_precision)
+    tracker = Tracker(
+        cfg.tracking, run_dir, cfg.to_dict(), acc.is_main_process, run_dir.name, run_id=run.wandb_id, meta={"env": environment(acc)}
+    )
     run.wandb_id = from_main(acc, tracker.run_id)
     progress = Progress(total, acc.is_main_process, cfg.train.progress_bar, start=run.step)
     resumed = f", resumed from {ckpt.name} at step {run.step}" if ckpt else ""
@@ -131,8 +116,11 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
     model.train()
     batches = task.batches()
+    clock = perf.clock
     while run.step < total and not stop:
+        waited = time.perf_counter()
         batch = next(batches, None)
+        window.data_s += time.perf_counter() - waited
         if batch is None:  # the data ran out (a finite stream)
             if run.step == 0 and ckpt is None:
                 raise ShardtuneError(
@@ -142,21 +130,26 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
             progress.write(f"data exhausted at step {run.step}")
             break
         with acc.accumulate(model):
+            t0 = clock.now()
             loss = model(**batch).loss
             window.add(loss, batch)
             acc.backward(loss)
+            t1 = clock.now()
+            clock.add("forward_backward", t0, t1)
             if acc.sync_gradients:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                clock.add("optimizer", t1, clock.now())
         if not acc.sync_gradients:
             continue
         run.step += 1
+        window.steps += 1
         progress.step()
         if run.step % cfg.train.log_every == 0 or run.step == total:
-            metrics = _window_metrics(acc, window, lr, grad_norm, run)
+            metrics = perf.metrics(window, lr, grad_norm, run)
             tracker.log({**metrics, **task.stats()}, run.step)
             progress.log(run.step, metrics)
             window = Window()
@@ -217,21 +210,6 @@ def _zero_reshard(acc, saved: dict) -> bool:
     was, now = saved.get("strategy", ""), strategy_name(acc)
     zero = was.startswith("zero") or now.startswith("zero")
     return zero and (saved.get("world_size", 1) != acc.num_processes or was != now)
-
-
-def _window_metrics(acc, w: Window, lr: float, grad_norm, run: RunState) -> dict[str, float]:
-    elapsed = time.perf_counter() - w.start
-    sums = torch.tensor([float(w.loss), w.micro_batches, w.samples, float(w.tokens)], dtype=torch.float64, device=acc.device)
-    loss, micro, samples, tokens = acc.reduce(sums, reduction="sum").tolist()
-    run.samples += int(samples)
-    run.tokens += int(tokens)
-    return {
-        "train/loss": loss / max(micro, 1),
-        "train/lr": lr,
-        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-        "train/samples_per_s": samples / elapsed,
-        "train/tokens_per_s": tokens / elapsed,
-    }
 
 
 def _eval_and_select(acc, task, model, run: RunState, tracker, progress, run_dir: Path, cfg: Config) -> bool:

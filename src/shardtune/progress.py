@@ -6,8 +6,11 @@ import sys
 import time
 
 
+SHOWN = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s", "train/mfu", "train/data_wait_fraction")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
+    return " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
 
 
 class Progress:

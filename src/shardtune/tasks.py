@@ -55,6 +55,9 @@ class ClassificationTask:
     def _global_batch(self) -> int:
         return self.cfg.train.batch_size * self.acc.num_processes
 
+    def seq_len(self) -> int:
+        return self.cfg.model.max_length
+
     def total_steps(self) -> int:
         batches = math.ceil(len(self.train_set) / self._global_batch())  # per rank, ranks padded to equal
         per_epoch = math.ceil(batches / self.cfg.train.grad_accum)
@@ -108,6 +111,9 @@ class CausalLMTask:
     def describe(self) -> str:
         d = self.cfg.data
         return f"{len(d.sources)} source(s), {d.seq_len}-token packed sequences"
+
+    def seq_len(self) -> int:
+        return self.cfg.data.seq_len
 
     def total_steps(self) -> int:
         return self.cfg.train.max_steps

@@ -53,7 +53,11 @@ def wandb_mode(cfg: TrackingConfig) -> str:
 class Tracker:
     """Fan-out of scalar metrics to the configured backends; a no-op off the main process."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str, run_id: str | None = None):
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: Path, config: dict, is_main: bool, default_name: str,
+        run_id: str | None = None, meta: dict | None = None,
+    ):
+        """`config` is the user's config (secret-looking values redacted); `meta` is ours (git SHA, versions), kept as is."""
         self.run = None
         self.tb = None
         self.jsonl = None
@@ -62,7 +66,7 @@ class Tracker:
         # Every logged row, whatever the backends: for scripts, tests and `tail -f`.
         self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
         if "wandb" in cfg.report_to:
-            self.run = _init_wandb(cfg, run_dir, redact(config), default_name, run_id)
+            self.run = _init_wandb(cfg, run_dir, {**redact(config), **(meta or {})}, default_name, run_id)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
