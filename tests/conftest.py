@@ -64,6 +64,17 @@ def run_cli(capsys):
     return run
 
 
+def one_sentence(code: int, err: str, *words: str) -> str:
+    """A user error: exit code 2, one `shardtune: error:` line holding `words`, no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardtune: error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
 def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
     """A seconds-long run on 240 real Rotten Tomatoes snippets."""
     base = {

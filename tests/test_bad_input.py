@@ -6,19 +6,9 @@ import subprocess
 import sys
 
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, one_sentence as _one_sentence, tiny_overrides
 
 QS = ROOT / "configs" / "quickstart.yaml"
-
-
-def _one_sentence(code: int, err: str, *words: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shardtune: error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def test_missing_config_file(run_cli, tmp_path):

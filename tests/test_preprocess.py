@@ -19,7 +19,7 @@ from shardtune.config import load_config
 from shardtune.data.stream import StreamLoader
 from shardtune.preprocess import load_cached, load_tokenizer, preprocess
 
-from conftest import ROOT
+from conftest import ROOT, one_sentence as _one_sentence
 
 PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
 WORDS = "river stone cloud maple ember frost harbor lantern meadow quill".split()
@@ -104,15 +104,6 @@ def test_cache_written_with_other_settings_is_refused(tmp_path, corpus):
             load_cached(out, cfg.data.model_copy(update=change), tok)
     with pytest.raises(ShardtuneError, match="no readable manifest.json"):
         load_cached(tmp_path)
-
-
-def _one_sentence(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shardtune: error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_classification_config_is_one_clear_error(run_cli):

@@ -115,43 +115,40 @@ def _decode(line: bytes, where: str) -> tuple[Optional[str], Optional[Event]]:
         return None, (BAD, "invalid_utf8", f"{where} is not valid UTF-8 (byte {exc.start + 1} of the line); re-save the file as UTF-8")
 
 
-def _jsonl(path: str, pos: dict, field: str, limit: int) -> Iterator[Event]:
+def _nonblank_lines(path: str, pos: dict, limit: int) -> Iterator[tuple[str, Optional[str], Optional[Event]]]:
+    """(where, text, None) per non-blank line from pos on, or (where, None, event) for a bad or blank one."""
     with open(path, "rb") as f:
         f.seek(pos["offset"])
         for line in _lines(f, pos, limit):
             where = f"{path} line {pos['line']}"
             if line is None:
-                yield _too_large(where, limit)
+                yield where, None, _too_large(where, limit)
                 continue
             text, bad = _decode(line, where)
             if bad:
-                yield bad
+                yield where, None, bad
             elif not text.strip():
-                yield (SKIP, "blank_line")
+                yield where, None, (SKIP, "blank_line")
             else:
-                try:
-                    obj = json.loads(text, strict=False)  # raw tabs/NULs inside strings: keep, clean decides
-                except json.JSONDecodeError as exc:
-                    yield (BAD, "invalid_json", f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line")
-                    continue
-                yield _field(obj, field, where)
+                yield where, text, None
+
+
+def _jsonl(path: str, pos: dict, field: str, limit: int) -> Iterator[Event]:
+    for where, text, event in _nonblank_lines(path, pos, limit):
+        if event:
+            yield event
+            continue
+        try:
+            obj = json.loads(text, strict=False)  # raw tabs/NULs inside strings: keep, clean decides
+        except json.JSONDecodeError as exc:
+            yield (BAD, "invalid_json", f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line")
+            continue
+        yield _field(obj, field, where)
 
 
 def _txt_lines(path: str, pos: dict, limit: int) -> Iterator[Event]:
-    with open(path, "rb") as f:
-        f.seek(pos["offset"])
-        for line in _lines(f, pos, limit):
-            where = f"{path} line {pos['line']}"
-            if line is None:
-                yield _too_large(where, limit)
-                continue
-            text, bad = _decode(line, where)
-            if bad:
-                yield bad
-            elif not text.strip():
-                yield (SKIP, "blank_line")
-            else:
-                yield (OK, text.rstrip("\r\n"))
+    for _, text, event in _nonblank_lines(path, pos, limit):
+        yield event if event else (OK, text.rstrip("\r\n"))
 
 
 def _txt_file(path: str, pos: dict, limit: int) -> Iterator[Event]:
