@@ -7,7 +7,7 @@ import json
 import sys
 
 from shardtune.config import load_config
-from shardtune.dist import build_accelerator, gather_objects
+from shardtune.dist import build_accelerator, gather_objects, leave
 from shardtune.models import load_tokenizer
 from shardtune.tasks import build_task
 
@@ -24,3 +24,4 @@ if acc.is_main_process:
     with open(sys.argv[2], "w") as f:
         json.dump({"steps": steps, "world": acc.num_processes}, f)
 acc.end_training()
+leave(0)

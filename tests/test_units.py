@@ -58,6 +58,8 @@ def test_secrets_are_redacted_keys_and_values():
     out = redact(cfg)
     assert out["tracking"]["api_key"] == REDACTED and out["hub_token"] == REDACTED and out["note"] == REDACTED
     assert out["tracking"]["project"] == "p" and out["lr"] == 0.1
+    kept = redact({"tokenize_batch": 64, "eos_token_id": 2, "max_tokens": 5})
+    assert kept == {"tokenize_batch": 64, "eos_token_id": 2, "max_tokens": 5}
     assert cfg["tracking"]["api_key"] == "abc"  # the input is not changed
 
 

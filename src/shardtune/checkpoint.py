@@ -150,13 +150,23 @@ def read_state(path: Path) -> dict:
 
 
 def export_model(acc, model, tokenizer, labels: list[str] | None, out: Path) -> None:
-    """HF folder: safetensors weights (sharded when big), tokenizer, label map; replaced atomically. Collective."""
+    """HF folder: safetensors weights (sharded when big), tokenizer, label map; replaced atomically. Collective.
+
+    A LoRA (PEFT) model is written merged, as a plain HF folder, or as PEFT's adapter folder (model.lora.merge);
+    the merge happens on a copy, so training can go on after an eval's export.
+    """
+    from shardtune.models import is_peft, save_lora
+
     state = acc.get_state_dict(model)
     if acc.is_main_process:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size="2GB")
+        unwrapped = acc.unwrap_model(model)
+        if is_peft(unwrapped):
+            save_lora(unwrapped, tmp, state)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
         if labels:
             write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(labels))})

@@ -246,10 +246,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_launch(args, extra)
         if extra:
             raise ShardtuneError(f"arguments after `--` are only for `shardtune launch`: {' '.join(extra)}")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except ShardtuneError as exc:
         print(f"shardtune: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if args.command == "train":
+        from shardtune.dist import leave
+
+        return leave(code)
+    return code
 
 
 if __name__ == "__main__":

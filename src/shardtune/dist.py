@@ -93,21 +93,11 @@ def _load_into(model, state: dict) -> None:
 
 
 def load_weights(acc: Accelerator, model, folder: Path) -> None:
-    """Load an HF safetensors folder into the live (possibly ZeRO-3 partitioned) model. Collective."""
+    """Load an exported HF folder (plain, merged LoRA or adapter) into the live, possibly partitioned model. Collective."""
+    from shardtune.models import read_exported_state
+
     unwrapped = acc.unwrap_model(model)
-
-    def read() -> dict:
-        # from_pretrained, not raw safetensors: it maps the key names save_pretrained wrote back to the model's
-        from transformers.integrations import deepspeed as hf_ds
-
-        ref = hf_ds._hf_deepspeed_config_weak_ref
-        hf_ds.unset_hf_deepspeed_config()  # a plain CPU copy, not another ZeRO-3 partitioned model
-        try:
-            return type(unwrapped).from_pretrained(folder).state_dict()
-        finally:
-            hf_ds._hf_deepspeed_config_weak_ref = ref
-
-    load_state(acc, model, read)
+    load_state(acc, model, lambda: read_exported_state(folder, unwrapped))
 
 
 def load_state(acc: Accelerator, model, read) -> None:
@@ -121,6 +111,26 @@ def load_state(acc: Accelerator, model, read) -> None:
                 _load_into(unwrapped, read())
     else:
         _load_into(unwrapped, read())
+
+
+def leave(code: int) -> int:
+    """End a launched (multi-process) run without interpreter finalization.
+
+    Gloo's worker threads can still hold tensors when Python tears down, and
+    the process then aborts ("terminate called without an active exception",
+    pytorch/pytorch#179291) after all work is done and saved, turning a
+    finished run into a failed one. So: destroy the process group while the
+    interpreter is whole, flush, and exit at once. Single-process runs return.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    import sys
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_flags(acc: Accelerator):

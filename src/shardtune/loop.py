@@ -189,7 +189,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     return result
 
 
-MODEL_KEYS = ("name_or_path", "init", "preset", "arch")
+MODEL_KEYS = ("name_or_path", "init", "preset", "arch", "lora")
 
 
 def _check_same_model(saved: dict, ckpt: Path, cfg: Config) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from shardtune.config import TrackingConfig
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.I)
+# a key *named* like a secret (hub_token, api_key, password), not one that mentions tokens (eos_token_id, tokenize_batch)
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password|passwd|credentials?|auth)$", re.I)
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9]{20,}|(local-)?[0-9a-f]{40,86})$")
 REDACTED = "***redacted***"
 
