@@ -25,8 +25,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-LM_TASKS = ("causal_lm",)
-DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m"}
+LM_TASKS = ("causal_lm", "sft")
+DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m"}
 
 
 class LoraConfig(_Section):
@@ -94,6 +94,16 @@ class CleanConfig(_Section):
     dedup: bool = Field(False, description="Drop exact duplicates (by hash of the cleaned text) over the whole stream; see stream.py for the cost.")
 
 
+class SftConfig(_Section):
+    format: Literal["auto", "chat", "prompt_response"] = Field(
+        "auto", description="Record shape: chat (a messages list), prompt_response (two text fields), or auto (per record, by which field it has)."
+    )
+    messages_field: str = Field("messages", min_length=1, description="Field holding the chat turns [{role, content}, ...].")
+    prompt_field: str = Field("prompt", min_length=1, description="Field holding the prompt (prompt_response records).")
+    response_field: str = Field("response", min_length=1, description="Field holding the response (prompt_response records).")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="An example longer than seq_len: drop and count it, or cut the response's tail.")
+
+
 class StreamConfig(_Section):
     kind: Literal["stream"] = Field("stream", description="Streamed documents for language-model tasks (set from task).")
     sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")
@@ -115,6 +125,7 @@ class StreamConfig(_Section):
     tokenize_batch: int = Field(64, gt=0, le=65_536, description="Documents per tokenizer call inside a worker.")
     emit_doc_ids: bool = Field(False, description="Add per-token doc_ids (global document index) to batches; pop it before the model.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank (tokenize and pack there).")
+    sft: Optional[SftConfig] = Field(None, description="Supervised fine-tuning shaping (chat template, loss on responses only); set for task sft.")
 
     @model_validator(mode="after")
     def _one_validation(self) -> "StreamConfig":
@@ -195,7 +206,7 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification", "causal_lm"] = Field("classification", description="What to train.")
+    task: Literal["classification", "causal_lm", "sft"] = Field("classification", description="What to train (sft: causal LM on chat / prompt-response records, loss on responses only).")
     model: ModelConfig = ModelConfig()
     data: Annotated[Union[DataConfig, StreamConfig], Field(discriminator="kind")] = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -215,6 +226,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _task_defaults(self) -> "Config":
+        if isinstance(self.data, StreamConfig):
+            if self.task == "sft" and self.data.sft is None:
+                self.data.sft = SftConfig()
+            elif self.task != "sft" and self.data.sft is not None:
+                raise ValueError(f"data.sft applies to task sft only, but task is {self.task}; remove data.sft or set task: sft")
         if self.model.name_or_path is None and self.model.init == "pretrained":
             self.model.name_or_path = DEFAULT_MODELS[self.task]
         if self.model.init == "scratch" and not (self.model.preset or self.model.name_or_path):

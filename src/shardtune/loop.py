@@ -38,6 +38,7 @@ from shardtune.tracking import Tracker
 BEST_METRICS = {
     "classification": ("eval/loss", "eval/accuracy", "eval/f1_macro"),
     "causal_lm": ("eval/loss", "eval/perplexity"),
+    "sft": ("eval/loss", "eval/perplexity"),
 }
 
 

@@ -182,7 +182,22 @@ class CausalLMTask:
         return {f"{split}/loss": loss, f"{split}/perplexity": math.exp(min(loss, 50)), f"{split}/tokens": count}
 
 
-TASKS: dict[str, Any] = {"classification": ClassificationTask, "causal_lm": CausalLMTask}
+class SFTTask(CausalLMTask):
+    """Supervised fine-tuning: the causal-LM task over a stream of chat / prompt-response examples
+    (data/sft.py), whole examples packed per row, loss on response tokens only."""
+
+    def __init__(self, cfg: Config, acc, tokenizer):
+        if not cfg.train.max_steps:
+            raise ShardtuneError("sft reads a stream of unknown length; set train.max_steps.")
+        super().__init__(cfg, acc, tokenizer)
+
+    def describe(self) -> str:
+        d = self.cfg.data
+        how = "chat template" if getattr(self.tokenizer, "chat_template", None) else "plain instruction template"
+        return f"{len(d.sources)} SFT source(s), {how}, whole examples packed into {d.seq_len}-token sequences, loss on responses"
+
+
+TASKS: dict[str, Any] = {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask}
 
 
 def build_task(cfg: Config, acc, tokenizer):

@@ -145,10 +145,11 @@ class SplitPlan:
     block: int = UNSHUFFLED_BLOCK
     shuffle: bool = False
     on_end: str = "stop"
+    record: bool = False  # read whole records as JSON text (SFT), not the sources' text_field
 
 
 def make_readers(plan: SplitPlan, max_record_bytes: int) -> list[SourceReader]:
-    readers = [SourceReader(spec, max_record_bytes, files) for spec, files in zip(plan.specs, plan.files)]
+    readers = [SourceReader(spec, max_record_bytes, files, plan.record) for spec, files in zip(plan.specs, plan.files)]
     for reader, ordinals in zip(readers, plan.held_ordinals or [set()] * len(readers)):
         reader.held = set(ordinals)
     return readers
@@ -157,7 +158,7 @@ def make_readers(plan: SplitPlan, max_record_bytes: int) -> list[SourceReader]:
 def plan_holdout(cfg: "StreamConfig", files: list) -> tuple[frozenset, list, int, frozenset]:
     """Read the first HOLDOUT_POOL*N draws once and pick the N held-out ones (seeded)."""
     n = cfg.holdout
-    readers = [SourceReader(spec, cfg.max_record_bytes, f) for spec, f in zip(cfg.sources, files)]
+    readers = [SourceReader(spec, cfg.max_record_bytes, f, cfg.sft is not None) for spec, f in zip(cfg.sources, files)]
     draws = DrawStream(readers, [s.weight for s in cfg.sources], cfg.seed, cfg.on_source_end, cfg.on_bad_record)
     keys, texts = [], []
     while len(keys) < HOLDOUT_POOL * n and (draw := draws.next()) is not None:

@@ -48,6 +48,7 @@ class TokDoc:
     doc: Doc
     ids: list[int]  # all pieces, each followed by EOS
     starts: list[int]  # offsets in ids where a piece starts
+    labels: Optional[list[int]] = None  # per-token labels (SFT: IGNORE off the responses); None = the ids
 
 
 # Characters per tokenizer call at most (besides `batch_docs` documents): with long documents a call
@@ -87,6 +88,7 @@ def _tokenize(buf: list[Doc], tokenizer, eos_id: int) -> Iterator[TokDoc]:
 class _Row:
     def __init__(self):
         self.ids: list[int] = []
+        self.labels: list[int] = []
         self.docs: list[int] = []
         self.pos: list[int] = []
         self.ignore: list[int] = []  # row indices whose label is IGNORE besides padding
@@ -98,6 +100,7 @@ class _Row:
         end = off + take
         base = len(self.ids)
         self.ids.extend(td.ids[off:end])
+        self.labels.extend((td.labels if td.labels is not None else td.ids)[off:end])
         self.docs.extend([td.doc.g] * take)
         if not doc_positions:
             return
@@ -111,7 +114,7 @@ class _Row:
 
     def finish(self, opt: PackOptions) -> tuple[list[int], list[int], list[int], list[int]]:
         pad = opt.seq_len - len(self.ids)
-        labels = self.ids + [IGNORE] * pad
+        labels = self.labels + [IGNORE] * pad
         for i in self.ignore:
             labels[i] = IGNORE
         pos = self.pos + [0] * pad if opt.doc_positions else []

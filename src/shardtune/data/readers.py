@@ -71,9 +71,12 @@ def resolve_files(spec: SourceSpec) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- per-format readers
 
 
-def _field(obj: Any, field: str, where: str) -> Event:
+def _field(obj: Any, field: Optional[str], where: str) -> Event:
+    """The text of `field`; field None = the whole record as JSON text (SFT records, parsed in data/sft.py)."""
     if not isinstance(obj, dict):
         return (BAD, "not_object", f"{where} is a JSON {type(obj).__name__}, not an object with named fields; fix or remove that record")
+    if field is None:
+        return (OK, json.dumps(obj, ensure_ascii=False))
     if field not in obj:
         names = ", ".join(map(str, list(obj)[:8])) or "none"
         return (BAD, "missing_field", f"{where} has no field {field!r} (it has: {names}); fix that record or set the source's text_field")
@@ -312,8 +315,9 @@ def _hub(spec: str, pos: dict, field: str) -> Iterator[Event]:
 class SourceReader:
     """The records of one source (its files in order), with a position that restores exactly."""
 
-    def __init__(self, spec: SourceSpec, max_record_bytes: int, files: Optional[list[tuple[str, str]]] = None):
+    def __init__(self, spec: SourceSpec, max_record_bytes: int, files: Optional[list[tuple[str, str]]] = None, record: bool = False):
         self.spec, self.limit = spec, max_record_bytes
+        self.record = record  # whole records as JSON text (SFT) instead of spec.text_field
         self.hub = spec.path.startswith(HUB)
         self.files = [] if self.hub else (files if files is not None else resolve_files(spec))
         self.held: set[int] = set()  # ordinals held out for validation; skipped in later epochs
@@ -331,7 +335,9 @@ class SourceReader:
         self.restore({**new_position(), "epoch": self.pos["epoch"] + 1})
 
     def _file_events(self, path: str, fmt: str) -> Iterator[Event]:
-        p, field = self.pos, self.spec.text_field
+        p, field = self.pos, (None if self.record else self.spec.text_field)
+        if self.record and fmt not in ("jsonl", "json"):
+            raise ShardtuneError(f"{path} is {fmt}; SFT records (messages or prompt/response) are read from jsonl or json files or hub data sets.")
         if os.path.getsize(path) == 0:
             if p["offset"] == 0:
                 p["offset"] = 1
@@ -352,7 +358,7 @@ class SourceReader:
 
     def _all_events(self) -> Iterator[Event]:
         if self.hub:
-            yield from _hub(self.spec.path, self.pos, self.spec.text_field)
+            yield from _hub(self.spec.path, self.pos, None if self.record else self.spec.text_field)
             return
         while self.pos["file"] < len(self.files):
             yield from self._file_events(*self.files[self.pos["file"]])
@@ -373,15 +379,15 @@ class SourceReader:
         return None
 
 
-def check_source(spec: SourceSpec, max_record_bytes: int) -> list[tuple[str, str]]:
+def check_source(spec: SourceSpec, max_record_bytes: int, record: bool = False) -> list[tuple[str, str]]:
     """Fail at once on a source that cannot work (no files, wrong text_field, hub unreachable)."""
     if spec.path.startswith(HUB):
         features = getattr(open_hub(spec.path), "features", None)
-        if features and spec.text_field not in features:
+        if features and not record and spec.text_field not in features:
             raise ShardtuneError(f"hub data set {spec.path} has no column {spec.text_field!r} (it has: {', '.join(features)}); set the source's text_field.")
         return []
     files = resolve_files(spec)
-    reader = SourceReader(spec, max_record_bytes, files)
+    reader = SourceReader(spec, max_record_bytes, files, record)
     first = next((i for i, (f, _) in enumerate(files) if os.path.getsize(f) > 0), 0)
     reader.files = files[first : first + 1]
     events = [e for e in itertools.islice(iter(reader.next_event, None), 100)]

@@ -85,6 +85,7 @@ from shardtune.data.clean import add_counts
 from shardtune.data.docstream import UNSHUFFLED_BLOCK, DocStream, SplitPlan, plan_holdout, slot_documents
 from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch, tokenize_documents
 from shardtune.data.readers import check_source
+from shardtune.data.sft import tokenize_examples
 
 __all__ = ["StreamConfig", "SourceSpec", "CleanConfig", "StreamLoader", "merge_states", "lockstep", "preview"]
 
@@ -100,24 +101,27 @@ def build_plan(cfg: StreamConfig, split: str) -> SplitPlan:
     """Resolve and check the sources of a split (fails at once on unusable ones)."""
     if split not in ("train", "validation"):
         raise ShardtuneError(f"unknown data split {split!r}; use train or validation.")
+    rec = cfg.sft is not None  # SFT reads whole records (one example = one document)
     if split == "validation" and cfg.validation_sources:
-        files = [check_source(s, cfg.max_record_bytes) for s in cfg.validation_sources]
-        return SplitPlan("validation", cfg.validation_sources, files, on_end="drop")
+        files = [check_source(s, cfg.max_record_bytes, rec) for s in cfg.validation_sources]
+        return SplitPlan("validation", cfg.validation_sources, files, on_end="drop", record=rec)
     if split == "validation" and not cfg.holdout:
         raise ShardtuneError("there is no validation data; set validation_sources or holdout in the stream config.")
-    files = [check_source(s, cfg.max_record_bytes) for s in cfg.sources]
+    files = [check_source(s, cfg.max_record_bytes, rec) for s in cfg.sources]
     held, ordinals, pool, hashes = plan_holdout(cfg, files) if cfg.holdout else (frozenset(), [], 0, frozenset())
     if split == "validation":
-        return SplitPlan("validation", cfg.sources, files, held, [], pool, from_holdout=True, on_end=cfg.on_source_end)
+        return SplitPlan("validation", cfg.sources, files, held, [], pool, from_holdout=True, on_end=cfg.on_source_end, record=rec)
     return SplitPlan(
         "train", cfg.sources, files, held, ordinals, pool, hashes, limit=cfg.max_documents,
-        block=cfg.shuffle_block or UNSHUFFLED_BLOCK, shuffle=bool(cfg.shuffle_block), on_end=cfg.on_source_end,
+        block=cfg.shuffle_block or UNSHUFFLED_BLOCK, shuffle=bool(cfg.shuffle_block), on_end=cfg.on_source_end, record=rec,
     )
 
 
 def fingerprint(cfg: StreamConfig, split: str, tokenizer) -> str:
     """What the global document order and token offsets depend on (not seq_len, batch size, workers)."""
     keys = {"sources", "validation_sources", "holdout", "seed", "shuffle_block", "on_source_end", "max_documents", "max_record_bytes", "clean", "eos_token_id"}
+    if cfg.sft is not None:  # SFT examples are never split, so offsets depend on seq_len (too_long) too
+        keys |= {"sft", "seq_len"}
     data = {"cfg": cfg.model_dump(mode="json", include=keys), "split": split, "vocab": len(tokenizer)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -219,8 +223,14 @@ class _SlotDataset(IterableDataset):
     def _batches(self, slot: int):
         sstate = self.slots[str(slot)]
         stream = DocStream(self.plan, self.cfg.seed, self.cfg.on_bad_record, self.cfg.max_record_bytes)
-        docs = slot_documents(stream, self.cfg.clean, self.num_slots, slot, self.base, sstate)
-        toks = tokenize_documents(docs, self.tokenizer, self.opt.eos_id, self.cfg.tokenize_batch)
+        sft = self.cfg.sft
+        # SFT documents are JSON records: never split them by characters (cleaning applies to each turn's text instead).
+        clean = self.cfg.clean.model_copy(update={"max_chars": None}) if sft else self.cfg.clean
+        docs = slot_documents(stream, clean, self.num_slots, slot, self.base, sstate)
+        if sft:
+            toks = tokenize_examples(docs, self.tokenizer, sft, self.cfg.clean, self.opt)
+        else:
+            toks = tokenize_documents(docs, self.tokenizer, self.opt.eos_id, self.cfg.tokenize_batch)
         rows = pack_rows(toks, self.opt, dict(sstate["counts"]))
         return make_batches(rows, self.batch_size, self.opt)
 
@@ -266,7 +276,8 @@ class StreamLoader:
         self.plan = build_plan(cfg, split)
         self.endless = self.plan.name == "train" and self.plan.on_end == "repeat" and self.plan.limit is None
         eos, pad = _special_ids(cfg, tokenizer)
-        self.opt = PackOptions(cfg.seq_len, eos, pad, cfg.split_documents, cfg.doc_positions, cfg.emit_doc_ids)
+        split_docs = cfg.split_documents and cfg.sft is None  # an SFT example never crosses a row boundary
+        self.opt = PackOptions(cfg.seq_len, eos, pad, split_docs, cfg.doc_positions, cfg.emit_doc_ids)
         self.fingerprint = fingerprint(cfg, split, tokenizer)
         self.base, self.slots, self.rotation = _start(state, self.fingerprint, split, world_size, self.per_rank, rank)
         self._reset()
