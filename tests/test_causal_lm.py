@@ -37,13 +37,14 @@ def test_tiny_llama_overfits_a_few_hundred_tokens(run_cli, lm_yaml, tiny_lm_toke
 
 
 def test_eval_loss_and_perplexity_on_held_out_documents(run_cli, lm_yaml, tiny_lm_tokenizer, lm_corpus, tmp_path):
-    code, out, err = run_cli("train", lm_yaml, *lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / "r", **{"train.eval_every": 10}))
+    code, out, err = run_cli("train", lm_yaml, *lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / "r", **{"train.eval_every": 10, "train.eval_on_start": True}))
     assert code == 0, err
     rows = _log(tmp_path / "r")
     last = [r for r in rows if "train/loss" in r][-1]  # the stream's counts reach the logs (and W&B) every log_every steps
     assert last["data/tokens"] > 0 and last["data/documents"] > 0 and 0.9 < last["data/packing_efficiency"] <= 1.0
     evals = [r for r in rows if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [10, 20]
+    assert [r["step"] for r in evals] == [0, 10, 20] and evals[0]["eval/loss"] > evals[2]["eval/loss"]
+    evals = evals[1:]
     for r in evals:
         assert r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"])) and r["eval/tokens"] > 100
     assert evals[1]["eval/loss"] < evals[0]["eval/loss"]

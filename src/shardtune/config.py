@@ -155,6 +155,7 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between logged metrics.")
     eval_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between evals; None = only at the end.")
+    eval_on_start: bool = Field(False, description="Also evaluate the starting model (logged at step 0; not a best-model candidate).")
     metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")

@@ -117,6 +117,11 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
     model.train()
     batches = task.batches()
+    if cfg.train.eval_on_start and task.has_split("eval") and run.step == 0:
+        start = task.evaluate(model, "eval")
+        tracker.log(start, 0)
+        progress.write("eval @ step 0 (the starting model): " + " ".join(f"{k}={v:.4f}" for k, v in start.items()))
+        window.start = time.perf_counter()
     clock = perf.clock
     while run.step < total and not stop:
         waited = time.perf_counter()
