@@ -70,3 +70,36 @@ def test_more_ranks_than_the_data_can_feed(run_cli, lm_yaml, tiny_lm_tokenizer, 
                                                                     "data.clean.min_chars": 1000})
     code, _, err = run_cli("train", lm_yaml, *over)
     assert code == 2 and "ran out before the first step" in err and "fewer processes" in err
+
+
+def test_z_loss_and_generations_at_eval(run_cli, lm_yaml, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    import wandb_reader
+
+    base = {"train.max_steps": 4, "train.eval_every": 2}
+    code, _, err = run_cli("train", lm_yaml, *lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / "plain", **base))
+    assert code == 0, err
+    over = lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / "z", **{
+        **base, "train.z_loss": 1e-2, "train.eval_prompts": "[the film is, a story about]", "tracking.report_to": "[wandb]",
+    })
+    code, _, err = run_cli("train", lm_yaml, *over)
+    assert code == 0, err
+    plain = [r["train/loss"] for r in _log(tmp_path / "plain") if "train/loss" in r]
+    with_z = [r["train/loss"] for r in _log(tmp_path / "z") if "train/loss" in r]
+    assert with_z[0] > plain[0] + 1e-3  # same weights and data at step 1: the difference is the z term
+    tables = [r["eval/generations"] for r in _log(tmp_path / "z") if "eval/generations" in r]
+    assert len(tables) == 2 and [row["prompt"] for row in tables[0]] == ["the film is", "a story about"]
+    assert all(isinstance(row["completion"], str) for row in tables[0])
+    history = wandb_reader.history(wandb_reader.run_file(tmp_path / "z"))
+    logged = [r["eval/generations"] for r in history if "eval/generations" in r]
+    assert len(logged) == 2 and logged[0]["_type"] == "table-file" and logged[0]["nrows"] == 2
+
+
+def test_compiled_model_trains_like_the_eager_one(run_cli, lm_yaml, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    base = {"train.max_steps": 3, "data.holdout": 0}
+    for name, compiled in [("eager", "false"), ("compiled", "true")]:
+        over = lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / name, **{**base, "model.compile": compiled})
+        code, _, err = run_cli("train", lm_yaml, *over)
+        assert code == 0, err
+    eager = [r["train/loss"] for r in _log(tmp_path / "eager") if "train/loss" in r]
+    compiled = [r["train/loss"] for r in _log(tmp_path / "compiled") if "train/loss" in r]
+    assert compiled == pytest.approx(eager, rel=1e-3)

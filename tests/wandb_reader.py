@@ -50,15 +50,22 @@ def run_file(run_dir: Path) -> Path:
     return files[-1]
 
 
+def _put(row: dict, item) -> None:
+    """A flat key, or a nested one (a logged table arrives as ["eval/generations", "nrows"], ...)."""
+    path = [item.key] if item.key else list(item.nested_key)
+    for part in path[:-1]:
+        row = row.setdefault(part, {})
+    row[path[-1]] = json.loads(item.value_json)
+
+
 def history(path: Path) -> list[dict]:
     """One dict per logged step: {"_step": n, key: value, ...}."""
     rows = []
     for rec in records(path):
         if rec.WhichOneof("record_type") == "history":
-            row = {}
+            row: dict = {}
             for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
+                _put(row, item)
             rows.append(row)
     return rows
 

@@ -48,6 +48,10 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub; off unless you trust it.")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="Override the model's dropout probabilities.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel for LMs; auto = flash_attention_2 when installed on a GPU, else sdpa."
+    )
+    compile: bool = Field(False, description="torch.compile the model (inductor); the first steps pay the compile time.")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (PEFT) instead of all weights; None = full fine-tune.")
 
 
@@ -155,6 +159,8 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between logged metrics.")
     eval_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between evals; None = only at the end.")
+    z_loss: float = Field(0.0, ge=0, description="LM only: add z_loss * mean(logsumexp(logits)^2) over labelled tokens (PaLM uses 1e-4).")
+    eval_prompts: list[str] = Field([], description="LM only: prompts completed greedily at each eval, logged as a W&B table.")
     eval_on_start: bool = Field(False, description="Also evaluate the starting model (logged at step 0; not a best-model candidate).")
     metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
@@ -234,6 +240,8 @@ class Config(_Section):
                 raise ValueError(f"data.sft applies to task sft only, but task is {self.task}; remove data.sft or set task: sft")
         if self.model.name_or_path is None and self.model.init == "pretrained":
             self.model.name_or_path = DEFAULT_MODELS[self.task]
+        if self.task not in LM_TASKS and (self.train.z_loss or self.train.eval_prompts):
+            raise ValueError("train.z_loss and train.eval_prompts apply to language-model tasks (causal_lm, sft), not classification")
         if self.model.init == "scratch" and not (self.model.preset or self.model.name_or_path):
             raise ValueError("model.init=scratch needs model.preset (e.g. tiny) or a model.name_or_path whose config to use")
         return self

@@ -44,6 +44,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum,
         cpu=not cuda and not deepspeed,
         deepspeed_plugin=plugin,
+        dynamo_backend="inductor" if cfg.model.compile else None,
         kwargs_handlers=[pg],
     )
 

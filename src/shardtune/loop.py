@@ -137,7 +137,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
             break
         with acc.accumulate(model):
             t0 = clock.now()
-            loss = model(**batch).loss
+            loss = task.loss(model(**batch), batch)
             window.add(loss, batch)
             acc.backward(loss)
             t1 = clock.now()
@@ -222,6 +222,9 @@ def _eval_and_select(acc, task, model, run: RunState, tracker, progress, run_dir
     """Eval; export the model when it is the best so far. True when early stopping says stop."""
     metrics = task.evaluate(model, "eval")
     tracker.log(metrics, run.step)
+    rows = task.generations(model)
+    if rows:
+        tracker.table("eval/generations", ["prompt", "completion"], rows, run.step)
     improved = run.improved(metrics[run.best_metric])
     if improved:
         run.best_value, run.best_step, run.best_dir = metrics[run.best_metric], run.step, str((run_dir / MODEL_DIR).resolve())

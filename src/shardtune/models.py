@@ -106,12 +106,25 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def attention(cfg: ModelConfig) -> str:
+    """auto: FlashAttention-2 where the flash_attn package and a GPU are there, else PyTorch SDPA."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    import importlib.util
+
+    import torch
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     try:
         if cfg.init == "pretrained":
-            model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_model(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, attn_implementation=attention(cfg)
+            )
         else:
             if cfg.preset is not None:
                 if cfg.preset not in PRESETS:
@@ -125,7 +138,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer):
                 setattr(mcfg, key, value)
             if tokenizer.eos_token_id is not None:
                 mcfg.eos_token_id = tokenizer.eos_token_id
-            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code, attn_implementation=attention(cfg))
     except OSError as exc:
         raise _hub_error(cfg.name_or_path, exc) from None
     if cfg.gradient_checkpointing:  # before LoRA: transformers then also makes the inputs require grad

@@ -90,6 +90,12 @@ class ClassificationTask:
     def stats(self) -> dict[str, float]:
         return {}
 
+    def loss(self, out, batch) -> torch.Tensor:
+        return out.loss
+
+    def generations(self, model) -> list[list[str]]:
+        return []
+
     def evaluate(self, model, split: str) -> dict[str, float]:
         return evaluate_classifier(self.acc, model, self.eval_loaders[split], len(self.labels), split)
 
@@ -142,6 +148,32 @@ class CausalLMTask:
 
     def restore(self, state: dict) -> None:
         self.state = state
+
+    def loss(self, out, batch) -> torch.Tensor:
+        """The model's next-token loss, plus z-loss (PaLM) when train.z_loss > 0: keeps the softmax normalizer near 1."""
+        z_loss = self.cfg.train.z_loss
+        if not z_loss:
+            return out.loss
+        mask = batch["labels"][:, 1:] != -100
+        z = torch.logsumexp(out.logits[:, :-1].float(), dim=-1)
+        return out.loss + z_loss * (z.pow(2) * mask).sum() / mask.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def generations(self, model) -> list[list[str]]:
+        """Greedy completions of train.eval_prompts (every rank takes part: ZeRO-3 gathers weights in forward)."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        unwrapped = self.acc.unwrap_model(model)
+        was = unwrapped.training
+        unwrapped.eval()
+        rows = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        for prompt in self.cfg.train.eval_prompts:
+            ids = self.tokenizer(prompt, return_tensors="pt").to(self.acc.device)
+            out = unwrapped.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=pad, synced_gpus=is_deepspeed_zero3_enabled())
+            rows.append([prompt, self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)])
+        unwrapped.train(was)
+        return rows
 
     def stats(self) -> dict[str, float]:
         """The stream's counts so far (documents, tokens, drops by reason, packing efficiency), summed over ranks. Collective."""

@@ -87,6 +87,17 @@ class Tracker:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)
 
+    def table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A small table (e.g. generations at an eval): a W&B Table, TensorBoard text, a log.jsonl row."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, name: [dict(zip(columns, r)) for r in rows]}) + "\n")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        if self.tb is not None:
+            self.tb.add_text(name, "\n\n".join(" | ".join(map(str, r)) for r in rows), step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             for k, v in values.items():
