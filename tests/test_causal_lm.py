@@ -103,3 +103,15 @@ def test_compiled_model_trains_like_the_eager_one(run_cli, lm_yaml, tiny_lm_toke
     eager = [r["train/loss"] for r in _log(tmp_path / "eager") if "train/loss" in r]
     compiled = [r["train/loss"] for r in _log(tmp_path / "compiled") if "train/loss" in r]
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(run_cli, lm_yaml, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    """Recomputing activations in backward changes memory, not the math."""
+    losses = {}
+    for name, flag in [("plain", "false"), ("ckpt", "true")]:
+        over = lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path / name, **{"train.max_steps": 4, "data.holdout": 0,
+                                                                              "model.gradient_checkpointing": flag})
+        code, _, err = run_cli("train", lm_yaml, *over)
+        assert code == 0, err
+        losses[name] = [r["train/loss"] for r in _log(tmp_path / name) if "train/loss" in r]
+    assert losses["ckpt"] == pytest.approx(losses["plain"], rel=1e-5) and len(losses["plain"]) == 4
