@@ -7,6 +7,8 @@ cannot run on this CPU-only machine (the launcher refuses it with a clear messag
 from __future__ import annotations
 
 import itertools
+import signal
+import time
 import json
 import os
 import subprocess
@@ -251,3 +253,29 @@ def test_plan_predicts_the_measured_model_state_bytes(runs, name, strategy):
     for rank in range(2):
         assert m["dist/param_bytes"][rank] == pytest.approx(want["params"], rel=0.05)
         assert m["dist/optim_state_bytes"][rank] == pytest.approx(want["optim"], rel=0.05)
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_bert, tmp_path):
+    """SIGUSR1 reaches rank 1 only: both ranks agree, save one checkpoint at the same step and exit 0."""
+    import psutil
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "shardtune.cli", "launch", str(ROOT / "configs/quickstart.yaml"), "--strategy", "cpu", "--gpus", "0",
+        "--processes", "2", "--main-port", str(next(PORTS)), *_common(tiny_bert, run), "train.batch_size=4", "train.max_steps=200",
+        "train.eval_every=null",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 5):
+        time.sleep(0.1)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "shardtune.cli" in " ".join(p.cmdline()) and "train" in p.cmdline()]
+    rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1, [p.cmdline() for p in ranks]
+    rank1[0].send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and "preempted (signal on another rank)" in out  # rank 0 never got the signal itself
+    step = int(saved[0].split("-")[1])
+    assert f"at step {step}: checkpoint saved" in out and step < 200

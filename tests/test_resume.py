@@ -104,3 +104,29 @@ def test_checkpoint_of_another_model_is_refused(tiny_bert, tmp_path, run_cli):
     code, _, err = run_cli("train", QS, "model.name_or_path=minilm-l6", f"train.resume={run}/checkpoints/step-00000004",
                            f"output.dir={tmp_path}/other")
     assert code == 2 and "is of another model" in err and "minilm-l6" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_saves_exits_zero_and_resumes_exactly(sig, tiny_bert, tmp_path):
+    """No periodic checkpoints: the signal alone makes the run finish its step, save, and exit 0; rerunning resumes."""
+    over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 40, "train.log_every": 1, "train.eval_every": None,  # noqa: E731
+                                                          "tracking.report_to": "[]", "data.max_examples": 200})
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(QS, over(ref))
+    proc = subprocess.Popen(_cmd(QS, over(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "log.jsonl"
+        if log.is_file() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines() if line.strip()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"preempted \(signal \d+\) at step (\d+): checkpoint saved", out).group(1))
+    assert 5 <= stopped < 40 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
+    assert not (run / "metrics.json").exists()  # not a finished run
+    again = _run(QS, over(run))
+    assert f"resumed from step-{stopped:08d} at step {stopped}" in again
+    assert _losses(run) == _losses(ref)

@@ -31,6 +31,7 @@ from shardtune.dist import build_accelerator, from_main, load_state, load_weight
 from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.perf import Throughput, Window, environment
+from shardtune.preempt import Preemption
 from shardtune.progress import Progress
 from shardtune.tasks import build_task
 from shardtune.tracking import Tracker
@@ -115,6 +116,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     progress.write(f"shardtune: {task.describe()}, {total} steps, {acc.num_processes} process(es) -> {run_dir}{resumed}")
 
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
+    preemption = Preemption()
     model.train()
     batches = task.batches()
     if cfg.train.eval_on_start and task.has_split("eval") and run.step == 0:
@@ -165,6 +167,9 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
         if cfg.train.save_every and (run.step % cfg.train.save_every == 0 or stop):
             _checkpoint(acc, task, run, scheduler, run_dir, cfg)
             window.start = time.perf_counter()
+        if preemption.stop_now(acc):
+            return _preempted(acc, task, run, scheduler, run_dir, cfg, preemption, tracker, progress)
+    preemption.restore()
 
     bytes_per_rank = state_bytes(acc, model, optimizer)  # training's peak, before final eval and export
     if task.has_split("eval") and last_eval != run.step:
@@ -235,6 +240,25 @@ def _eval_and_select(acc, task, model, run: RunState, tracker, progress, run_dir
         progress.write(f"early stopping: {run.best_metric} has not improved for {patience} evals")
         return True
     return False
+
+
+def _preempted(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config, preemption, tracker, progress) -> dict:
+    """Save where we are, requeue under Slurm, and end the process's run cleanly (exit 0)."""
+    from shardtune.preempt import requeue
+
+    ckpt = run_dir / "checkpoints" / f"step-{run.step:08d}"
+    if not ckpt.is_dir():
+        _checkpoint(acc, task, run, scheduler, run_dir, cfg)
+    requeued = requeue() if acc.is_main_process else None
+    progress.write(
+        f"preempted (signal {preemption.received or 'on another rank'}) at step {run.step}: checkpoint saved in {ckpt}"
+        + (f"; requeued job {requeued}" if requeued else "; rerun the same command to resume")
+    )
+    preemption.restore()
+    progress.close()
+    tracker.finish()
+    acc.end_training()
+    return {"train/steps": run.step, "preempted": True}
 
 
 def _checkpoint(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config) -> None:
