@@ -130,3 +130,91 @@ def test_preemption_signal_saves_exits_zero_and_resumes_exactly(sig, tiny_bert, 
     again = _run(QS, over(run))
     assert f"resumed from step-{stopped:08d} at step {stopped}" in again
     assert _losses(run) == _losses(ref)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_bert, tmp_path_factory):
+    """A real 2-process ZeRO-2 run with checkpoints at steps 2 and 4: per-rank optimizer shards, model states, RNG files."""
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 4, "train.save_every": 2, "train.eval_every": None,
+                                             "tracking.report_to": "[]", "data.max_examples": 200, "train.batch_size": 8})
+    cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", "zero2", "--gpus", "0", "--processes", "2",
+           "--main-port", "29977", *over]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, over, cmd
+
+
+def _damaged_copy(run, tmp_path, name: str, how: str):
+    import shutil
+
+    copy = tmp_path / f"{how}-{name.replace('/', '_')}"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    victim = copy / "checkpoints" / name
+    if how == "delete":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return copy
+
+
+def test_any_single_damaged_file_of_the_newest_checkpoint_falls_back_with_a_warning(zero2_run, tmp_path):
+    """Every file of the newest checkpoint (each rank's shards, model states, RNG, trainer state, manifest), deleted
+    or truncated: `resume: auto` takes the previous complete checkpoint and warns naming the damage. A damaged
+    `latest` pointer: it warns and takes the newest complete checkpoint, whose files are all intact."""
+    import warnings
+
+    from shardtune.checkpoint import find_checkpoint
+
+    run = zero2_run[0]
+    newest = run / "checkpoints" / "step-00000004"
+    files = sorted(str(p.relative_to(run / "checkpoints")) for p in newest.rglob("*") if p.is_file())
+    assert any("zero_pp_rank_1" in f for f in files) and any("manifest" in f for f in files), files
+    for name in [*files, "latest"]:
+        for how in ("delete", "truncate"):
+            copy = _damaged_copy(run, tmp_path, name, how)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                found = find_checkpoint(copy, "auto")
+            said = " ".join(str(w.message) for w in caught)
+            want = "step-00000004" if name == "latest" else "step-00000002"
+            assert found is not None and found.name == want, (name, how, found)
+            assert ("checkpoint pointer" if name == "latest" else "skipping incomplete checkpoint") in said, (name, how, said)
+
+
+def test_a_run_resumes_past_a_deleted_zero_shard(zero2_run):
+    """The loop itself, 2 processes: rank 1's optimizer shard of the newest checkpoint is gone -> resume from the one before."""
+    run, over, cmd = zero2_run
+    shard = next((run / "checkpoints" / "step-00000004").rglob("*zero_pp_rank_1*optim_states.pt"))
+    shard.unlink()
+    proc = subprocess.run([*cmd, "train.max_steps=6"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step-00000002 at step 2" in proc.stdout
+    assert "skipping incomplete checkpoint" in proc.stderr and "zero_pp_rank_1" in proc.stderr
+
+
+def test_a_changed_config_is_reported_key_by_key_on_resume(tiny_bert, tmp_path):
+    run = tmp_path / "r"
+    over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 4, "train.save_every": 4, "train.eval_every": None,
+                                             "tracking.report_to": "[]", "data.max_examples": 200})
+    _run(QS, over)
+    proc = subprocess.run(_cmd(QS, [*over, "train.max_steps=6", "optim.lr=5e-4"]), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step-00000004 at step 4" in proc.stdout
+    report = next(line for line in proc.stderr.splitlines() if "resuming with a config that differs" in line)
+    assert "optim.lr: 0.001 -> 0.0005" in report and "train.max_steps: 4 -> 6" in report
+    assert report.count(" -> ") == 2, report  # nothing else changed
+
+
+def test_save_every_minutes_and_the_best_checkpoint_is_kept(tiny_bert, tmp_path):
+    """A tiny time budget checkpoints at every step; rotation keeps the newest N plus the best eval's checkpoint
+    (at lr 5e-3 this tiny model's eval loss is lowest at step 2, so only the kept-best rule can keep that one)."""
+    run = tmp_path / "r"
+    _run(QS, tiny_overrides(tiny_bert, run, **{"train.max_steps": 8, "train.save_every_minutes": 1e-6, "train.eval_every": 2,
+                                               "train.metric_for_best": "eval/loss", "optim.lr": 5e-3,
+                                               "train.save_total_limit": 3, "tracking.report_to": "[]", "data.max_examples": 200}))
+    best = json.loads((run / "metrics.json").read_text())["best/step"]
+    assert best < 6
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{best:08d}", "step-00000006", "step-00000007", "step-00000008"]  # no save_every: the clock did it

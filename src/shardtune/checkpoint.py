@@ -73,15 +73,23 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Every rank writes its part; the main rank seals it with the manifest and renames it into place."""
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CKPT_DIR / f"step-{step:08d}"
+
+
+def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int, best_step: int | None = None) -> Path:
+    """Every rank writes its part; the main rank seals it with the manifest and renames it into place.
+    Then only the newest `keep` checkpoints stay, plus the one at `best_step` (the best eval) when there is one."""
+    from shardtune import failpoints
+
     root = run_dir / CKPT_DIR
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    final, tmp = step_dir(run_dir, step), root / f".tmp-step-{step:08d}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    failpoints.hit("save", acc.process_index, step)
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json(tmp / STATE_FILE, state)
@@ -89,8 +97,10 @@ def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int) -> Pa
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(root, final.name)
+        best = step_dir(run_dir, best_step).name if best_step else None
         for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
@@ -99,6 +109,17 @@ def _write_latest(root: Path, name: str) -> None:
     tmp = root / ".latest.tmp"
     tmp.write_text(name + "\n")
     os.replace(tmp, root / "latest")
+
+
+def _read_latest(root: Path) -> str | None:
+    """The name `latest` holds, or None (with a warning) when it is missing or torn."""
+    pointer = root / "latest"
+    name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    if not (name.startswith("step-") and (root / name).is_dir()):
+        why = "is missing" if not pointer.is_file() else f"names {name!r}, not a checkpoint here"
+        warnings.warn(f"checkpoint pointer {pointer} {why}; taking the newest complete checkpoint instead", stacklevel=3)
+        return None
+    return name
 
 
 def check_checkpoint(path: Path) -> str | None:
@@ -119,8 +140,9 @@ def check_checkpoint(path: Path) -> str | None:
     return None
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: auto = the newest complete one in run_dir (torn ones skipped, with a warning)."""
+def find_checkpoint(run_dir: Path, resume: str, before: int | None = None) -> Path | None:
+    """The checkpoint to resume from: auto = the one `latest` names, else the newest complete one in run_dir
+    (torn ones, and a missing or torn pointer, are skipped with a warning); `before`: only steps <= it."""
     if resume == "never":
         return None
     if resume != "auto":
@@ -131,8 +153,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         return path
     root = run_dir / CKPT_DIR
     candidates = sorted(root.glob("step-*"), reverse=True)
-    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    if latest and (root / latest).is_dir():  # the pointer first; a torn pointer just falls back to scanning
+    if before is not None:
+        candidates = [p for p in candidates if int(p.name.split("-")[1]) <= before]
+    latest = _read_latest(root) if candidates else None
+    if latest in {p.name for p in candidates}:  # the pointer is the commit record: it wins over a newer unpointed folder
         candidates.sort(key=lambda p: p.name != latest)
     for path in candidates:
         why = check_checkpoint(path)

@@ -167,7 +167,11 @@ class TrainConfig(_Section):
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches per process (streams); None = the whole eval set.")
     save_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between checkpoints; None = no checkpoints.")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest ones).")
+    save_every_minutes: Optional[float] = Field(None, gt=0, description="Also checkpoint when this many minutes passed since the last save.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept: the newest N, plus the one saved at the best eval.")
+    nonfinite_patience: int = Field(
+        3, gt=0, description="NaN/Inf steps (each skipped) in a row before rolling back to the last good checkpoint."
+    )
     resume: str = Field("auto", min_length=1, description="auto = newest complete checkpoint in output.dir, never, or a checkpoint path.")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto = bar on a terminal, log lines otherwise.")
 
@@ -205,6 +209,9 @@ class DistConfig(_Section):
         "(the fastest that fits by `shardtune plan`); None = ddp with GPUs, cpu without.",
     )
     timeout_minutes: float = Field(30, gt=0, description="Process-group timeout: a stuck collective fails after this.")
+    term_grace_seconds: float = Field(
+        20, gt=0, description="After SIGTERM, a rank that has not reached its next step boundary within this exits at once (a stuck rank must not outlive its job)."
+    )
 
 
 class OutputConfig(_Section):

@@ -12,9 +12,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
-from shardtune import ShardtuneError
+from shardtune import ShardtuneError, failpoints
 from shardtune.checkpoint import (
     METRICS_FILE,
     MODEL_DIR,
@@ -31,7 +31,7 @@ from shardtune.dist import build_accelerator, from_main, load_state, load_weight
 from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.perf import Throughput, Window, environment
-from shardtune.preempt import Preemption
+from shardtune.guard import StepChecks
 from shardtune.progress import Progress
 from shardtune.tasks import build_task
 from shardtune.tracking import Tracker
@@ -57,6 +57,10 @@ class RunState:
     bad_evals: int = 0
     best_dir: str | None = None  # where the best model was exported (an earlier run folder, after a resume elsewhere)
     wandb_id: str | None = None
+    nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss or grad norm, over the whole run
+    nonfinite_streak: int = 0
+    rollbacks: int = 0
+    rolled_back_at: int | None = None  # the step at which the last rollback happened
 
     def improved(self, value: float) -> bool:
         better = self.best_value is None or (value > self.best_value if self.greater else value < self.best_value)
@@ -86,6 +90,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     if ckpt is not None:
         saved = read_state(ckpt)
         _check_same_model(saved, ckpt, cfg)
+        _report_changes(acc, saved["config"], cfg)
         if _zero_reshard(acc, saved):
             from shardtune.export import checkpoint_state_dict
 
@@ -116,7 +121,11 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     progress.write(f"shardtune: {task.describe()}, {total} steps, {acc.num_processes} process(es) -> {run_dir}{resumed}")
 
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
-    preemption = Preemption()
+    checks = StepChecks(acc, cfg.train.save_every_minutes, cfg.dist.term_grace_seconds)
+    # DeepSpeed steps inside backward and skips a non-finite update itself (fp32, fp16); fp16's grad scaler
+    # must see every step to skip an overflow and lower its scale. Elsewhere the loop holds the update back.
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    scaled = getattr(acc, "scaler", None) is not None and acc.scaler.is_enabled()
     model.train()
     batches = task.batches()
     if cfg.train.eval_on_start and task.has_split("eval") and run.step == 0:
@@ -139,15 +148,18 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
             break
         with acc.accumulate(model):
             t0 = clock.now()
-            loss = task.loss(model(**batch), batch)
+            loss = failpoints.loss(task.loss(model(**batch), batch), acc.process_index, run.step + 1)
             window.add(loss, batch)
+            checks.watch_loss(loss)
             acc.backward(loss)
             t1 = clock.now()
             clock.add("forward_backward", t0, t1)
             if acc.sync_gradients:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                verdict = checks.agree(None if scaled else grad_norm)  # fp16: an inf grad is the scaler's to handle
+                if not verdict.nonfinite or scaled or deepspeed:  # those hold a non-finite update back themselves
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 clock.add("optimizer", t1, clock.now())
@@ -156,20 +168,26 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
         run.step += 1
         window.steps += 1
         progress.step()
+        failpoints.hit("step", acc.process_index, run.step)
+        if verdict.nonfinite or run.nonfinite_streak:
+            _nonfinite(acc, run, verdict.nonfinite, tracker, progress, run_dir, cfg)
         if run.step % cfg.train.log_every == 0 or run.step == total:
             metrics = perf.metrics(window, lr, grad_norm, run)
+            metrics.update({"train/nonfinite_steps": run.nonfinite_steps, "train/rollbacks": run.rollbacks})
             tracker.log({**metrics, **task.stats()}, run.step)
             progress.log(run.step, metrics)
             window = Window()
         if task.has_split("eval") and cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < total:
             stop = _eval_and_select(acc, task, model, run, tracker, progress, run_dir, cfg)
             last_eval, window.start = run.step, time.perf_counter()  # throughput counts training time only
-        if cfg.train.save_every and (run.step % cfg.train.save_every == 0 or stop):
+        every = cfg.train.save_every
+        if verdict.save or (every and (run.step % every == 0 or stop)):
             _checkpoint(acc, task, run, scheduler, run_dir, cfg)
+            checks.saved()
             window.start = time.perf_counter()
-        if preemption.stop_now(acc):
-            return _preempted(acc, task, run, scheduler, run_dir, cfg, preemption, tracker, progress)
-    preemption.restore()
+        if verdict.stop:
+            return _preempted(acc, task, run, scheduler, run_dir, cfg, checks.preemption, tracker, progress)
+    checks.restore()
 
     bytes_per_rank = state_bytes(acc, model, optimizer)  # training's peak, before final eval and export
     if task.has_split("eval") and last_eval != run.step:
@@ -215,6 +233,61 @@ def _check_same_model(saved: dict, ckpt: Path, cfg: Config) -> None:
         )
 
 
+RESUME_NOISE = {"train.resume", "output.overwrite", "output.dir"}  # differ between a run and its resume by design
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _report_changes(acc, saved: dict, cfg: Config) -> None:
+    """Resuming with another config is allowed (longer runs, new LR...), but never silent: name every changed key."""
+    from shardtune.tracking import redact
+
+    was, now = _flat(redact(saved)), _flat(redact(cfg.to_dict()))
+    changed = [f"{k}: {was.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+               for k in sorted(set(was) | set(now)) if k not in RESUME_NOISE and was.get(k) != now.get(k)]
+    if changed and acc.is_main_process:
+        warnings.warn("resuming with a config that differs from the checkpoint's: " + "; ".join(changed), stacklevel=1)
+
+
+def _nonfinite(acc, run: RunState, bad: bool, tracker, progress, run_dir: Path, cfg: Config) -> None:
+    """Count a skipped step; after `nonfinite_patience` in a row, roll back to the last checkpoint before them."""
+    if not bad:
+        run.nonfinite_streak = 0
+        return
+    run.nonfinite_steps += 1
+    run.nonfinite_streak += 1
+    tracker.log({"train/nonfinite_steps": run.nonfinite_steps}, run.step)
+    progress.write(f"step {run.step}: NaN/Inf loss or grad norm on some rank: the update is skipped on every rank "
+                   f"({run.nonfinite_streak} in a row, {run.nonfinite_steps} in all)")
+    if run.nonfinite_streak < cfg.train.nonfinite_patience:
+        return
+    first = run.step - run.nonfinite_streak + 1
+    ckpt = from_main(acc, find_checkpoint(run_dir, "auto", before=first - 1) if acc.is_main_process else None)
+    if ckpt is None:
+        raise ShardtuneError(
+            f"steps {first}-{run.step} all had a NaN/Inf loss or grad norm and there is no checkpoint before them to roll back to; "
+            "lower optim.lr, check the data of those steps, or set train.save_every so the run can roll back."
+        )
+    if run.rolled_back_at == first - 1:
+        raise ShardtuneError(
+            f"steps {first}-{run.step} had a NaN/Inf loss or grad norm right after the rollback at step {first - 1}, "
+            "so rolling back did not help; stopping: lower optim.lr or optim.max_grad_norm, or inspect the data of those steps."
+        )
+    acc.load_state(str(ckpt))  # weights, optimizer state, RNG; the step count, LR schedule and data position go on
+    run.rollbacks, run.rolled_back_at, run.nonfinite_streak = run.rollbacks + 1, run.step, 0
+    tracker.log({"train/rollbacks": run.rollbacks}, run.step)
+    progress.write(f"rolled back to {Path(ckpt).name} after {cfg.train.nonfinite_patience} non-finite steps in a row; "
+                   f"going on with the data after step {run.step}")
+
+
 def _zero_reshard(acc, saved: dict) -> bool:
     """ZeRO shards are per rank and DeepSpeed's own format: into another number of ranks or another
     strategy they load only consolidated (the model; optimizer state starts fresh)."""
@@ -249,18 +322,18 @@ def _preempted(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config, 
     ckpt = run_dir / "checkpoints" / f"step-{run.step:08d}"
     if not ckpt.is_dir():
         _checkpoint(acc, task, run, scheduler, run_dir, cfg)
-    requeued = requeue() if acc.is_main_process else None
-    progress.write(
-        f"preempted (signal {preemption.received or 'on another rank'}) at step {run.step}: checkpoint saved in {ckpt}"
-        + (f"; requeued job {requeued}" if requeued else "; rerun the same command to resume")
-    )
-    preemption.restore()
+    progress.write(f"preempted (signal {preemption.received or 'on another rank'}) at step {run.step}: checkpoint saved in {ckpt}")
     progress.close()
     tracker.finish()
     acc.end_training()
+    # last: Slurm ends a requeued job at once (SIGTERM to all its processes), so W&B must be closed before
+    requeued = requeue() if acc.is_main_process else None
+    if acc.is_main_process:
+        print(f"requeued job {requeued}" if requeued else "rerun the same command to resume", flush=True)
+    preemption.restore()
     return {"train/steps": run.step, "preempted": True}
 
 
 def _checkpoint(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config) -> None:
     state = {"run": asdict(run), "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "strategy": strategy_name(acc), "labels": task.labels, "data": task.data_state(), "config": cfg.to_dict()}
-    save_checkpoint(acc, run_dir, run.step, state, cfg.train.save_total_limit)
+    save_checkpoint(acc, run_dir, run.step, state, cfg.train.save_total_limit, run.best_step)

@@ -1,8 +1,8 @@
 """Preemption: SIGUSR1 or SIGTERM -> finish the current optimizer step, save, requeue under Slurm, exit 0.
 
-The handler only records the signal; the loop asks `stop_now(acc)` at each
-step boundary, and all ranks agree (a max over ranks), so a signal that
-reached only some ranks still stops every rank at the same step.
+The handler only records the signal; the loop's per-step agreement
+(`guard.StepChecks.agree`, one collective) makes every rank stop at the same
+step even when the signal reached only some of them.
 """
 
 from __future__ import annotations
@@ -10,31 +10,46 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
-
-import torch
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preemption:
-    def __init__(self):
+    """Records SIGUSR1/SIGTERM. After SIGTERM the rank has `term_grace` seconds to reach its next step boundary
+    (`acknowledge`); a rank stuck elsewhere (a stalled collective, a hung loader) exits then instead of living on
+    until the launcher's SIGKILL: torchrun sends SIGTERM to the survivors when one rank fails."""
+
+    def __init__(self, term_grace: float = 20.0):
         self.received: int | None = None
+        self.term_grace = term_grace
+        self._timer: threading.Timer | None = None
+        self._acknowledged = False
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
             for sig in SIGNALS:
                 signal.signal(sig, self._record)
 
     def _record(self, signum, frame) -> None:
         self.received = signum
+        if signum == signal.SIGTERM and self._timer is None and not self._acknowledged:
+            self._timer = threading.Timer(self.term_grace, self._give_up, args=(signum,))
+            self._timer.daemon = True
+            self._timer.start()
 
-    def stop_now(self, acc) -> bool:
-        """True on every rank once any rank got a signal (collective: call it on all ranks at the same step)."""
-        if acc.num_processes == 1:
-            return self.received is not None
-        flag = torch.tensor([1 if self.received else 0], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item())
+    def _give_up(self, signum: int) -> None:
+        print(f"shardtune: got SIGTERM but did not reach a step boundary within {self.term_grace:g} s "
+              "(dist.term_grace_seconds); exiting without a checkpoint", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def acknowledge(self) -> None:
+        """The loop saw the signal at a step boundary: saving may take as long as it takes."""
+        self._acknowledged = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     def restore(self) -> None:
+        self.acknowledge()
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
 

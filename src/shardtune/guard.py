@@ -1,0 +1,66 @@
+"""What all ranks decide together at each optimizer step, in one collective, before the optimizer steps.
+
+- non-finite: a NaN/Inf loss on any rank, or a non-finite grad norm, skips the
+  update on every rank (parameters and optimizer state stay as they were);
+  after `train.nonfinite_patience` such steps in a row the loop rolls back to
+  the newest checkpoint from before them and goes on with the data after
+  the bad window; non-finite steps again right after a rollback stop the run
+  with a message.
+- stop: a preemption signal reached some rank (preempt.py).
+- save: `train.save_every_minutes` have passed on some rank's clock.
+
+Each rank contributes its flags and takes the sum over ranks, so all ranks act
+at the same step even when only one of them saw the event. Flags stay on the
+device until that one read, so the step does not wait on the GPU twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from shardtune.preempt import Preemption
+
+
+@dataclass
+class Verdict:
+    nonfinite: bool
+    stop: bool
+    save: bool
+
+
+class StepChecks:
+    def __init__(self, acc, save_every_minutes: float | None, term_grace: float):
+        self.acc = acc
+        self.preemption = Preemption(term_grace)
+        self.save_every_s = save_every_minutes * 60 if save_every_minutes else None
+        self.last_save = time.monotonic()
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Called on each micro-batch's loss; stays on the device."""
+        self.loss_bad = self.loss_bad | ~torch.isfinite(loss.detach())
+
+    def agree(self, grad_norm) -> Verdict:
+        """Collective: call on every rank once per optimizer step, after the gradients are complete."""
+        bad = self.loss_bad
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=self.acc.device, dtype=torch.float32))
+        due = self.save_every_s is not None and time.monotonic() - self.last_save >= self.save_every_s
+        flags = torch.stack([bad.float(), torch.tensor(float(self.preemption.received is not None), device=self.acc.device),
+                             torch.tensor(float(due), device=self.acc.device)])
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(flags, reduction="sum")
+        nonfinite, stop, save = (v > 0 for v in flags.tolist())
+        self.loss_bad = torch.zeros_like(self.loss_bad)
+        if stop:
+            self.preemption.acknowledge()
+        return Verdict(nonfinite, stop, save)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def restore(self) -> None:
+        self.preemption.restore()

@@ -1,0 +1,184 @@
+"""Crashes on 2 processes: SIGKILLed ranks (also inside a checkpoint write) resume bit for bit; a NaN on one rank
+skips the step on every rank; a dead or stalled rank ends the whole job quickly with no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import forklaunch
+from conftest import ROOT, tiny_overrides
+
+QS = ROOT / "configs" / "quickstart.yaml"
+STEPS, EVERY = 24, 3
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(run) -> list[tuple[int, float]]:
+    """Every logged (step, train loss), a step logged twice (before a kill, again after the resume) twice."""
+    return [(r["step"], r["train/loss"]) for r in _rows(run) if "train/loss" in r]
+
+
+def _argv(tiny_bert, out, **extra) -> list[str]:
+    over = {"train.max_steps": STEPS, "train.save_every": EVERY, "train.log_every": 1, "train.eval_every": None,
+            "train.batch_size": 8, "data.max_examples": 200, "tracking.report_to": "[]", **extra}
+    return ["train", str(QS), *tiny_overrides(tiny_bert, out, **over)]  # dropout on: the RNG restore matters
+
+
+def _launch(argv, logs, failpoints: str = "") -> tuple[list[int], str]:
+    """One 2-rank launch; returns the exit codes and what rank 0 printed during it."""
+    log = logs / "rank0.log"
+    before = log.stat().st_size if log.exists() else 0
+    codes = forklaunch.launch(argv, logs, env={"SHARDTUNE_FAILPOINTS": failpoints})
+    return codes, log.read_text()[before:]
+
+
+def _resumed_at(out: str) -> int:
+    found = re.search(r"resumed from step-(\d+) at step (\d+)", out)
+    assert found, out[-2000:]
+    return int(found.group(2))
+
+
+def _last_checkpoint_before(step: int) -> int:
+    """The newest checkpoint a kill right after `step` leaves (the save of a step comes after its failpoint)."""
+    return EVERY * ((step - 1) // EVERY)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    codes, _ = _launch(_argv(tiny_bert, out / "run"), out)
+    assert codes == [0, 0]
+    return dict(_losses(out / "run"))
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_two_kills_and_a_kill_inside_a_checkpoint_write_resume_bit_for_bit(trial, reference, tiny_bert, tmp_path):
+    """Seeded: SIGKILL a random rank after a random step, twice, then inside the write of a checkpoint;
+    every relaunch must resume mid-run from the newest complete checkpoint, and every step's loss -- the
+    ones logged before a kill included -- must equal the uninterrupted run's bit for bit."""
+    rng = random.Random(trial)
+    run, argv = tmp_path / "run", _argv(tiny_bert, tmp_path / "run")
+    kills = [f"kill@step={rng.randint(EVERY + 1, 10)},rank={rng.randint(0, 1)}"]
+    codes, _ = _launch(argv, tmp_path, kills[0])
+    assert codes != [0, 0], "the first kill did not happen"
+    at = _last_checkpoint_before(int(re.search(r"step=(\d+)", kills[0]).group(1)))
+
+    second = rng.randint(at + 1, 17)
+    codes, out = _launch(argv, tmp_path, f"kill@step={second},rank={rng.randint(0, 1)}")
+    assert codes != [0, 0] and _resumed_at(out) == at > 0, codes
+    at = _last_checkpoint_before(second)
+
+    in_save = at + EVERY * rng.randint(1, (21 - at) // EVERY)
+    codes, out = _launch(argv, tmp_path, f"kill@save={in_save},rank={rng.randint(0, 1)}")
+    assert codes != [0, 0] and _resumed_at(out) == at > 0, codes
+    assert not (run / "checkpoints" / f"step-{in_save:08d}").exists()  # torn: never renamed into place
+
+    codes, out = _launch(argv, tmp_path)
+    assert codes == [0, 0] and _resumed_at(out) == in_save - EVERY > 0, out[-2000:]
+    logged = _losses(run)
+    assert {s for s, _ in logged} == set(range(1, STEPS + 1))
+    assert all(loss == reference[step] for step, loss in logged), [(s, loss, reference[s]) for s, loss in logged if loss != reference[s]]
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def _tensors(obj, prefix=""):
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _rank_state(ckpt) -> dict:
+    """Every tensor a checkpoint holds of the model and optimizer state, per file: DDP's one model and optimizer,
+    or each ZeRO rank's own partition of the fp32 weights and Adam moments. LR/param-group scalars excluded."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(ckpt.rglob("*")):
+        if f.name.endswith(".safetensors"):
+            out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+        elif f.suffix in (".bin", ".pt"):  # our own run's files, written a moment ago by this test
+            state = torch.load(f, map_location="cpu", weights_only=False)
+            out.update({f"{f.name}:{k}": v for k, v in _tensors(state).items()})
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["cpu", "zero2"])
+def test_a_nan_on_one_rank_skips_that_step_on_every_rank(strategy, tiny_bert, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", strategy, "--gpus", "0", "--processes", "2",
+           "--main-port", str(next(forklaunch.PORTS)),
+           *_argv(tiny_bert, run, **{"train.max_steps": 7, "train.save_every": 1, "train.save_total_limit": 10})[2:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": "nan@step=5,rank=1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step 5: NaN/Inf loss or grad norm on some rank: the update is skipped on every rank" in proc.stdout
+    ckpts = {s: _rank_state(run / "checkpoints" / f"step-{s:08d}") for s in (4, 5, 6)}
+    assert ckpts[4].keys() == ckpts[5].keys() and len(ckpts[4]) > 10
+    changed = [k for k in ckpts[4] if not torch.equal(ckpts[4][k], ckpts[5][k])]
+    assert not changed, changed  # step 5 left every rank's weights and optimizer state as they were
+    assert any(not torch.equal(ckpts[5][k], ckpts[6][k]) for k in ckpts[5])  # and step 6 trained again
+    counts = {r["step"]: r["train/nonfinite_steps"] for r in _rows(run) if "train/nonfinite_steps" in r}
+    assert counts[4] == 0 and counts[5] == 1 and counts[7] == 1
+
+
+def test_nonfinite_streak_rolls_back_then_stops_when_it_recurs(tiny_bert, tmp_path, run_cli):
+    """NaN from step 5 on, patience 3: steps 5-7 are skipped, the run rolls back to checkpoint 3 (the newest before
+    them) and goes on with later data; steps 8-10 are NaN again, so rolling back did not help: one sentence, exit 2."""
+    nan_from_5 = ";".join(f"nan@step={s}" for s in range(5, 25))
+    os.environ["SHARDTUNE_FAILPOINTS"] = nan_from_5
+    try:
+        code, out, err = run_cli(*_argv(tiny_bert, tmp_path / "run"))
+    finally:
+        del os.environ["SHARDTUNE_FAILPOINTS"]
+    assert "rolled back to step-00000003 after 3 non-finite steps in a row" in out
+    assert code == 2 and "steps 8-10 had a NaN/Inf loss or grad norm right after the rollback at step 7" in err, err
+    assert "Traceback" not in err
+    rows = _rows(tmp_path / "run")
+    assert max(r.get("train/rollbacks", 0) for r in rows) == 1 and max(r.get("train/nonfinite_steps", 0) for r in rows) == 6
+
+
+def _launch_real(tiny_bert, run, failpoints: str, timeout_minutes: float):
+    cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", "cpu", "--gpus", "0", "--processes", "2",
+           "--main-port", str(next(forklaunch.PORTS)),
+           *_argv(tiny_bert, run, **{"train.max_steps": 200, "dist.timeout_minutes": timeout_minutes})[2:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": failpoints}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_a_dead_or_stalled_rank_ends_the_job_within_the_timeout_and_leaves_no_process(fault, tiny_bert, tmp_path):
+    import psutil
+
+    timeout_s = 15
+    proc = _launch_real(tiny_bert, tmp_path / "run", f"{fault}@step=3,rank=1", timeout_s / 60)
+    lines = []
+    for line in proc.stdout:  # read as it comes: a full pipe would stall the job for the wrong reason
+        lines.append(line)
+        if line.startswith("failpoint:"):
+            fired = time.monotonic()
+            tree = psutil.Process(proc.pid).children(recursive=True)  # accelerate, torchrun's agent, both ranks
+            break
+    else:
+        pytest.fail("".join(lines[-50:]))
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=300)
+    took = time.monotonic() - fired
+    text = "".join(lines)
+    assert proc.returncode != 0 and took < timeout_s + 30, (proc.returncode, took, text[-3000:])
+    assert "shardtune: error: rank 0 lost another rank" in text and "[rank0]: Traceback" not in text, text[-3000:]
+    assert len(tree) >= 2, tree  # accelerate (torchrun's agent runs in it) and the ranks still alive then
+    alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
