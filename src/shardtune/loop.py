@@ -88,25 +88,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     greater = cfg.train.greater_is_better
     run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro")))
     if ckpt is not None:
-        saved = read_state(ckpt)
-        _check_same_model(saved, ckpt, cfg)
-        _report_changes(acc, saved["config"], cfg)
-        if _zero_reshard(acc, saved):
-            from shardtune.export import checkpoint_state_dict
-
-            load_state(acc, model, lambda: checkpoint_state_dict(ckpt))
-            if acc.is_main_process:
-                warnings.warn(
-                    f"{ckpt} was saved by {saved['world_size']} process(es) under {saved['strategy']}, this run is "
-                    f"{acc.num_processes} under {strategy_name(acc)}: "
-                    "the model weights are consolidated and kept; the optimizer state and RNG states start fresh.",
-                    stacklevel=1,
-                )
-        else:
-            acc.load_state(str(ckpt))  # model, optimizer, every rank's RNG
-        run = RunState(**saved["run"])
-        scheduler.load_state_dict(saved["scheduler"])
-        task.restore(saved["data"])
+        run = _resume(acc, ckpt, model, scheduler, task, cfg)
 
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +171,35 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
             return _preempted(acc, task, run, scheduler, run_dir, cfg, checks.preemption, tracker, progress)
     checks.restore()
 
+    return _finish(acc, task, model, optimizer, run, tracker, progress, run_dir, last_eval, started, cfg)
+
+
+def _resume(acc, ckpt: Path, model, scheduler, task, cfg: Config) -> RunState:
+    """Load a checkpoint into the prepared model/optimizer/schedule/data stream; returns its run state."""
+    saved = read_state(ckpt)
+    _check_same_model(saved, ckpt, cfg)
+    _report_changes(acc, saved["config"], cfg)
+    if _zero_reshard(acc, saved):
+        from shardtune.export import checkpoint_state_dict
+
+        load_state(acc, model, lambda: checkpoint_state_dict(ckpt))
+        if acc.is_main_process:
+            warnings.warn(
+                f"{ckpt} was saved by {saved['world_size']} process(es) under {saved['strategy']}, this run is "
+                f"{acc.num_processes} under {strategy_name(acc)}: "
+                "the model weights are consolidated and kept; the optimizer state and RNG states start fresh.",
+                stacklevel=1,
+            )
+    else:
+        acc.load_state(str(ckpt))  # model, optimizer, every rank's RNG
+    scheduler.load_state_dict(saved["scheduler"])
+    task.restore(saved["data"])
+    return RunState(**saved["run"])
+
+
+def _finish(acc, task, model, optimizer, run: RunState, tracker, progress, run_dir: Path, last_eval: int, started: float, cfg: Config) -> dict:
+    """Final eval, the best (or last) model exported to RUN/model, test metrics, metrics.json and the W&B summary."""
+    metric, tokenizer = run.best_metric, task.tokenizer
     bytes_per_rank = state_bytes(acc, model, optimizer)  # training's peak, before final eval and export
     if task.has_split("eval") and last_eval != run.step:
         _eval_and_select(acc, task, model, run, tracker, progress, run_dir, cfg)
