@@ -199,6 +199,11 @@ def test_a_changed_config_is_reported_key_by_key_on_resume(tiny_bert, tmp_path):
     over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 4, "train.save_every": 4, "train.eval_every": None,
                                              "tracking.report_to": "[]", "data.max_examples": 200})
     _run(QS, over)
+    import hashlib
+
+    state = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["config_sha256"] == hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()
+    assert state["config"]["optim"]["lr"] == 1e-3 and state["run"]["step"] == 4
     proc = subprocess.run(_cmd(QS, [*over, "train.max_steps=6", "optim.lr=5e-4"]), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step-00000004 at step 4" in proc.stdout

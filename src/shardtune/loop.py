@@ -6,6 +6,8 @@ forward -> backward -> (on the last micro-batch) clip -> step -> LR step -> zero
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -346,5 +348,12 @@ def _preempted(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config, 
 
 
 def _checkpoint(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config) -> None:
-    state = {"run": asdict(run), "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "strategy": strategy_name(acc), "labels": task.labels, "data": task.data_state(), "config": cfg.to_dict()}
+    from shardtune.tracking import redact
+
+    config = redact(cfg.to_dict())
+    state = {
+        "run": asdict(run), "scheduler": scheduler.state_dict(), "world_size": acc.num_processes, "strategy": strategy_name(acc),
+        "labels": task.labels, "data": task.data_state(), "config": config,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+    }
     save_checkpoint(acc, run_dir, run.step, state, cfg.train.save_total_limit, run.best_step)
