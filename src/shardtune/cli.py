@@ -26,21 +26,29 @@ def _parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser(
         "launch",
-        help="launch a run on several processes/GPUs/nodes",
-        description="Build the `accelerate launch` command for a run, print it and run it. "
+        help="launch a run on several processes/GPUs/nodes, or submit it to Slurm",
+        description="Build the `accelerate launch` command for a run, print it and run it; with --slurm, render "
+        "slurm/train.sbatch (one node) or slurm/multinode.sbatch for the run and submit it with sbatch. "
         "Arguments after `--` go to accelerate launch.",
     )
     la.add_argument("config", help="YAML config file")
     la.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides passed to the run")
     la.add_argument("--strategy", help="cpu, single_gpu, ddp, zero1, zero2, zero3, zero3_offload, fsdp (default: dist.strategy)")
-    la.add_argument("--gpus", type=int, help="GPUs per node (default: all visible; 0 = CPU processes)")
+    la.add_argument("--gpus", "--gpus-per-node", dest="gpus", type=int, help="GPUs per node (default: all visible; 0 = CPU processes)")
     la.add_argument("--processes", type=int, help="CPU processes per node when --gpus is 0 (default 2)")
     la.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    la.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    la.add_argument("--node-rank", type=int, help="this node's rank (default 0)")
     la.add_argument("--main-address", help="address of node 0 (multi-node)")
-    la.add_argument("--main-port", type=int, default=29500, help="rendezvous port")
+    la.add_argument("--main-port", type=int, help="rendezvous port (default 29500)")
     la.add_argument("--launch-dir", type=Path, help="folder of strategy configs (default: the checkout's launch/)")
-    la.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    la.add_argument("--dry-run", action="store_true", help="print the command (with --slurm: the job script), do not run or submit it")
+    sl = la.add_argument_group("Slurm", "with --slurm: submit the run as a preemptible, requeueing batch job (see docs/slurm.md)")
+    sl.add_argument("--slurm", action="store_true", help="render the sbatch script for this run, write it beside the run folder, submit it")
+    sl.add_argument("--partition", help="#SBATCH --partition")
+    sl.add_argument("--time", help="#SBATCH --time, e.g. 24:00:00 (USR1 comes 120 s before it: save and requeue)")
+    sl.add_argument("--account", help="#SBATCH --account")
+    sl.add_argument("--job-name", help="#SBATCH --job-name (default: the run folder's name)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="one more #SBATCH option, e.g. --sbatch=--mem=64G (repeatable)")
 
     pp = sub.add_parser(
         "preprocess",
@@ -119,7 +127,7 @@ def auto_strategy(cfg, gpus: int, nodes: int, gpu_memory: int | None = None) -> 
 
 
 def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
-    import subprocess
+    import signal
 
     import torch
 
@@ -127,6 +135,8 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     from shardtune.launcher import LaunchSpec, build_command, default_strategy, find_launch_dir, render
 
     cfg = load_config(args.config, args.overrides)  # fail here, not in N processes
+    if args.slurm:
+        return launch_slurm(args, cfg, extra)
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     strategy = args.strategy or cfg.dist.strategy or default_strategy(gpus)
     overrides = list(args.overrides)
@@ -141,9 +151,9 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
         gpus=gpus,
         processes=args.processes,
         nodes=args.nodes,
-        node_rank=args.node_rank,
+        node_rank=args.node_rank or 0,
         main_address=args.main_address,
-        main_port=args.main_port,
+        main_port=args.main_port or 29500,
         overrides=overrides,
         extra=extra,
     )
@@ -151,7 +161,60 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     print(render(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    # Under Slurm a signal reaches every process of the job step. SIGUSR1 means "save and requeue" to
+    # the ranks (preempt.py installs their handler), but would kill the torchrun agent, which does not
+    # handle it; ignored here, it stays ignored across exec in the agent. Exec, not a child: no process
+    # between Slurm and the agent that SIGTERM could end early (the step ends when its task does).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.execv(cmd[0], cmd)
+
+
+def launch_slurm(args: argparse.Namespace, cfg, extra: list[str]) -> int:
+    """Render slurm/train.sbatch or multinode.sbatch for this run, write it beside the run folder and submit it."""
+    import shutil
+    import subprocess
+
+    from shardtune.checkpoint import choose_run_dir
+    from shardtune.launcher import SlurmJob, render_sbatch, slurm_template
+
+    bad = [o for o, v in (("--node-rank", args.node_rank), ("--main-address", args.main_address), ("--main-port", args.main_port)) if v is not None]
+    if bad:
+        raise ShardtuneError(f"with --slurm the job picks {', '.join(bad)} itself (node ranks, first node, a port from the job id); drop {', '.join(bad)}.")
+    if extra:
+        raise ShardtuneError("arguments after `--` are not passed on with --slurm; put accelerate options in the launch/ strategy config instead.")
+    if args.gpus is None:
+        raise ShardtuneError("a Slurm job needs --gpus-per-node G (0 = CPU processes, then --processes P per node).")
+    run_dir = choose_run_dir(cfg, Path(args.config).stem).resolve()  # refuses a used folder now, not in the job
+    overrides = list(args.overrides) + ([] if cfg.output.dir else [f"output.dir={run_dir}"])  # a requeued job resumes there
+    launch_args = ["--gpus", str(args.gpus)] + (["--strategy", args.strategy] if args.strategy else [])
+    launch_args += ["--processes", str(args.processes)] if args.processes is not None else []
+    job = SlurmJob(
+        config=str(Path(args.config).resolve()), shardtune=[sys.executable, "-m", "shardtune.cli"],
+        output=str(run_dir.parent / f"{run_dir.name}.slurm-%j.out"), job_name=args.job_name or run_dir.name, nodes=args.nodes,
+        gpus_per_node=args.gpus, launch_args=launch_args, overrides=overrides, dist_timeout_minutes=cfg.dist.timeout_minutes,
+        partition=args.partition, time=args.time, account=args.account, sbatch=args.sbatch,
+    )
+    template = Path(__file__).resolve().parents[2] / "slurm" / slurm_template(args.nodes)
+    if not template.is_file():
+        raise ShardtuneError(f"the job script template {template} is missing; run from a shardtune checkout (its slurm/ folder).")
+    script = render_sbatch(template.read_text(), job)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise ShardtuneError("`sbatch` is not on PATH, so the job cannot be submitted from here; run this on a Slurm login node (or add --dry-run to print the script).")
+    path = run_dir.parent / f"{run_dir.name}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    print(f"job script: {path}", flush=True)
+    proc = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no message"])[-1].removeprefix("sbatch: error: ")
+        raise ShardtuneError(f"sbatch refused {path} ({why}); fix the Slurm options (--partition, --account, --time, --sbatch) and submit again.")
+    print(proc.stdout.strip(), flush=True)  # "Submitted batch job N"
+    job_id = proc.stdout.split()[-1] if proc.stdout.strip() else "%j"
+    print(f"Slurm log: {job.output.replace('%j', job_id)}; the run folder: {run_dir}", flush=True)
+    return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Build `accelerate launch` commands. Pure functions: they read no environment and
-start nothing, so their output is golden-tested; `cli.py` prints and runs it.
+"""Build `accelerate launch` commands and render sbatch scripts. Pure functions: they
+read no environment, no files and start nothing, so their output is golden-tested;
+`cli.py` reads the templates in slurm/, prints, writes, runs and submits.
 """
 
 from __future__ import annotations
@@ -87,3 +88,86 @@ def find_launch_dir(cwd: Path, package_file: Path) -> Path:
         if (candidate / "cpu.yaml").is_file():
             return candidate.resolve()
     raise ShardtuneError("no launch/ folder with the strategy configs found; run from the shardtune checkout or pass --launch-dir.")
+
+
+# ---------------------------------------------------------------- Slurm
+
+RUN_BLOCK_START, RUN_BLOCK_END = "# >>> run", "# <<< run"
+# options `shardtune launch --slurm` sets itself; an --sbatch line with one of them replaces ours
+SLURM_OWN = ("--job-name", "--nodes", "--gpus-per-node", "--output", "--partition", "--time", "--account")
+
+
+@dataclass
+class SlurmJob:
+    """What `shardtune launch --slurm` writes into a job script; `gpus_per_node` 0 = CPU processes."""
+
+    config: str  # absolute: the job may start in another folder
+    shardtune: list[str]  # the command on the nodes, e.g. [python, -m, shardtune.cli]
+    output: str  # the Slurm log of the job (%j = job id); appended to across requeues
+    job_name: str = "shardtune"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    launch_args: list[str] = field(default_factory=list)  # more `shardtune launch` options (--strategy, --processes)
+    overrides: list[str] = field(default_factory=list)
+    dist_timeout_minutes: float = 30
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    sbatch: list[str] = field(default_factory=list)  # extra #SBATCH options, as given
+
+
+def slurm_template(nodes: int) -> str:
+    """The file in slurm/ a job of `nodes` nodes is rendered from."""
+    return "train.sbatch" if nodes == 1 else "multinode.sbatch"
+
+
+def check_slurm(job: SlurmJob) -> None:
+    if job.nodes < 1:
+        raise ShardtuneError(f"--nodes {job.nodes} must be at least 1.")
+    if job.gpus_per_node < 0:
+        raise ShardtuneError(f"--gpus-per-node {job.gpus_per_node} must be 0 (CPU processes) or more.")
+    if not job.job_name or any(c.isspace() for c in job.job_name):
+        raise ShardtuneError(f"--job-name {job.job_name!r} must be one word without spaces, e.g. {'-'.join(job.job_name.split()) or 'shardtune'}.")
+    for line in job.sbatch:
+        if not line.startswith("-") or "\n" in line:
+            raise ShardtuneError(f"--sbatch {line!r} is not one sbatch option; pass each as --sbatch=--mem=64G (repeat --sbatch for more).")
+        if _option(line) in ("--array", "-a"):
+            raise ShardtuneError("--sbatch --array would make every array task share one run folder; submit one job per run instead.")
+
+
+def _option(directive: str) -> str:
+    """`--time=1:00:00` -> `--time`; `-p gpu` -> `-p`."""
+    return directive.split("=", 1)[0].split(None, 1)[0]
+
+
+def _directives(job: SlurmJob) -> list[str]:
+    own = {
+        "--job-name": job.job_name, "--nodes": str(job.nodes), "--gpus-per-node": str(job.gpus_per_node) if job.gpus_per_node else None,
+        "--output": job.output, "--partition": job.partition, "--time": job.time, "--account": job.account,
+    }
+    return [f"{k}={v}" for k, v in own.items() if v is not None]
+
+
+def render_sbatch(template: str, job: SlurmJob) -> str:
+    """The template (slurm/train.sbatch or multinode.sbatch) for this one job: its #SBATCH lines with the job's
+    resources, and its run block with the command, config and overrides; the rest of the script is kept as is."""
+    check_slurm(job)
+    lines = template.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith(RUN_BLOCK_START))
+        end = next(i for i, line in enumerate(lines) if line.startswith(RUN_BLOCK_END))
+    except StopIteration:
+        raise ShardtuneError(f"the sbatch template has no `{RUN_BLOCK_START}` ... `{RUN_BLOCK_END}` block; restore slurm/ from the shardtune checkout.") from None
+    replaced = set(SLURM_OWN) | {_option(d) for d in job.sbatch}
+    head = [line for line in lines[:start] if not (line.startswith("#SBATCH") and _option(line[len("#SBATCH"):].strip()) in replaced)]
+    last = max(i for i, line in enumerate(head) if line.startswith("#SBATCH") or i == 0)
+    directives = [f"#SBATCH {d}" for d in _directives(job) + job.sbatch]
+    run = [
+        f"{RUN_BLOCK_START}: written by `shardtune launch --slurm` for this run",
+        f"SHARDTUNE=({shlex.join(job.shardtune)})",
+        f"LAUNCH_ARGS=({shlex.join(job.launch_args)})",
+        f"DIST_TIMEOUT_MINUTES={job.dist_timeout_minutes:g}",
+        f"set -- {shlex.join([job.config, *job.overrides])}",
+        lines[end],
+    ]
+    return "\n".join(head[: last + 1] + directives + head[last + 1 :] + run + lines[end + 1 :]) + "\n"

@@ -1,0 +1,163 @@
+"""The sbatch scripts on a real Slurm cluster on this host (tests/slurm_cluster.py: munged, slurmctld, two slurmd nodes).
+
+Two-node CPU jobs (one rank per node) of a tiny BERT: a job rendered and submitted by `shardtune launch --slurm`
+runs to the end; the same job preempted with `scancel --signal=USR1 --batch` saves, requeues itself, resumes
+and ends with the uninterrupted job's per-step losses and one W&B run; slurm/train.sbatch submitted with plain
+sbatch as an array task names its W&B run after the array job and task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import wandb_reader
+from conftest import ROOT, tiny_overrides
+from slurm_cluster import LocalSlurm, missing
+
+QS = ROOT / "configs/quickstart.yaml"
+STEPS = 60
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm(nodes=2).start()
+    yield cluster
+    cluster.stop()
+
+
+def _overrides(tiny_bert: Path, run: Path, **extra) -> list[str]:
+    return tiny_overrides(tiny_bert, run, **{"train.max_steps": STEPS, "train.log_every": 1, "train.eval_every": None, **extra})
+
+
+def _submit(slurm: LocalSlurm, tiny_bert: Path, run: Path) -> str:
+    """`shardtune launch --slurm` on 2 nodes, 1 CPU rank each: renders slurm/multinode.sbatch beside the run folder and submits it."""
+    cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), *_overrides(tiny_bert, run), "--slurm", "--nodes", "2",
+           "--gpus-per-node", "0", "--processes", "1", "--strategy", "cpu", "--time", "30:00"]
+    proc = subprocess.run(cmd, env=slurm.env, cwd=run.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"job script: {run.parent / (run.name + '.sbatch')}" in proc.stdout, proc.stdout
+    return re.search(r"^Submitted batch job (\d+)$", proc.stdout, re.M).group(1)
+
+
+def _wait_end(slurm: LocalSlurm, job: str, timeout: float = 300) -> dict[str, str]:
+    return slurm.wait_job(job, lambda j: j["JobState"] in ENDED, timeout, "its end")
+
+
+def _log(run: Path, job: str) -> str:
+    return (run.parent / f"{run.name}.slurm-{job}.out").read_text()
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def _wandb_runs(run: Path) -> list[tuple[str, list[dict]]]:
+    """(run id, history) of each offline W&B run file under the run folder, in step order."""
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    runs = [(wandb_reader.run_info(f).run_id, wandb_reader.history(f)) for f in files]
+    return sorted(runs, key=lambda r: r[1][0]["_step"] if r[1] else -1)
+
+
+@pytest.fixture(scope="module")
+def full_run(slurm, tiny_bert, tmp_path_factory):
+    run = tmp_path_factory.mktemp("slurm") / "full"
+    job = _submit(slurm, tiny_bert, run)
+    return run, job, _wait_end(slurm, job)
+
+
+def test_two_node_job_trains_to_the_end(full_run):
+    run, job, info = full_run
+    log = _log(run, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "stnode[1-2]"
+    for rank in (0, 1):  # one `shardtune launch` per node, each with its node rank, both meeting at the first node
+        assert f"--num_machines 2 --machine_rank {rank} --main_process_ip stnode1 --main_process_port {20000 + int(job) % 20000}" in log
+    assert "2 process(es)" in log and f"W&B run slurm-shardtune-test-{job}" in log
+    assert (run / "model" / "model.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert [s for s, _ in _losses(run)] == list(range(1, STEPS + 1))
+    (run_id, history), = _wandb_runs(run)
+    assert run_id == f"slurm-shardtune-test-{job}" and [h["_step"] for h in history if "train/loss" in h] == list(range(1, STEPS + 1))
+
+
+def _wait_for_step(slurm: LocalSlurm, run: Path, job: str, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "log.jsonl").is_file() and any(s >= step for s, _ in _losses(run)):
+            return
+        state = slurm.job(job)["JobState"]
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before step {step}: {_log(run, job)[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} did not reach step {step} within {timeout:.0f}s")
+
+
+def test_usr1_saves_requeues_and_resumes_exactly_into_the_same_wandb_run(slurm, tiny_bert, tmp_path, full_run):
+    run = tmp_path / "preempted"
+    job = _submit(slurm, tiny_bert, run)
+    _wait_for_step(slurm, run, job, 5)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the time limit
+    pending = slurm.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120, "requeued")
+    assert pending["Reason"] == "BeginTime"  # Slurm holds a requeued job for ~2 minutes; release it now
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = _wait_end(slurm, job)
+    log = _log(run, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-3000:]
+
+    # USR1 went batch shell -> srun -> every process of the step: the ranks caught it, nothing on the way died of it
+    assert log.count("USR1 received, forwarding it to the ranks") == 1
+    stopped = int(re.search(rf"preempted \(signal {int(signal.SIGUSR1)}\) at step (\d+): checkpoint saved", log).group(1))
+    assert 5 <= stopped < STEPS and "User defined signal" not in log
+    assert f"requeued job {job}" in log and "(restart 1)" in log
+    assert f"resumed from step-{stopped:08d} at step {stopped}" in log
+    assert (run / "model" / "model.safetensors").is_file()
+
+    # both halves appended to one log.jsonl: every step once, the uninterrupted job's losses exactly
+    full, _, _ = full_run
+    assert _losses(run) == _losses(full)
+    # and to one W&B run, named after the job: steps 1..stopped, then the rest
+    (id1, first), (id2, second) = _wandb_runs(run)
+    assert id1 == id2 == f"slurm-shardtune-test-{job}"
+    logged = [(h["_step"], h["train/loss"]) for h in first + second if "train/loss" in h]
+    assert [s for s, _ in logged] == list(range(1, STEPS + 1)) and max(h["_step"] for h in first) == stopped
+    assert logged == _losses(full)  # JSON floats round-trip exactly
+
+
+def test_train_sbatch_as_an_array_task_names_its_wandb_run_after_the_task(slurm, tiny_bert, tmp_path):
+    """slurm/train.sbatch used as is: `sbatch ... slurm/train.sbatch CONFIG KEY=VALUE ...`, `shardtune` on PATH."""
+    run = tmp_path / "array"
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["sbatch", "--parsable", "--array=3", "--gpus-per-node=0", f"--output={tmp_path}/array-%A_%a.out",
+           str(ROOT / "slurm/train.sbatch"), str(QS), *_overrides(tiny_bert, run, **{"train.max_steps": 4})]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array_job = proc.stdout.strip().split(";")[0]
+    info = _wait_end(slurm, f"{array_job}_3")
+    log = (tmp_path / f"array-{array_job}_3.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["NumNodes"] == "1" and "2 process(es)" in log  # one node, shardtune launch's default of 2 CPU ranks
+    (run_id, history), = _wandb_runs(run)
+    assert run_id == f"slurm-shardtune-test-{array_job}_3"
+    assert [h["_step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
+
+
+def test_a_refused_submission_is_one_sentence(slurm, tmp_path):
+    from conftest import one_sentence
+
+    cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--slurm", "--gpus-per-node", "0", "--partition", "nosuch",
+           f"output.dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
+    line = one_sentence(proc.returncode, proc.stderr, "sbatch refused", "(Batch job submission failed: Invalid partition name specified)", "--partition")
+    assert f"{tmp_path}/run.sbatch" in line and slurm.run("squeue", "-h").stdout.strip() == ""
