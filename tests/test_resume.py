@@ -223,3 +223,47 @@ def test_save_every_minutes_and_the_best_checkpoint_is_kept(tiny_bert, tmp_path)
     assert best < 6
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert kept == [f"step-{best:08d}", "step-00000006", "step-00000007", "step-00000008"]  # no save_every: the clock did it
+
+
+def test_counters_survive_a_checkpoint_between_log_steps(tiny_bert, tmp_path):
+    """Samples and tokens counted since the last log line are in the checkpoint: killed after step 5 (checkpoint 3,
+    log lines at 4 and 8), the resumed run ends with the uninterrupted run's totals."""
+    over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 8, "train.log_every": 4, "train.save_every": 3,  # noqa: E731
+                                                          "train.eval_every": None, "tracking.report_to": "[]", "data.max_examples": 200})
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(QS, over(ref))
+    killed = subprocess.run(_cmd(QS, over(run)), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SHARDTUNE_FAILPOINTS": "kill@step=5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "resumed from step-00000003 at step 3" in _run(QS, over(run))
+    want, got = (json.loads((r / "metrics.json").read_text()) for r in (ref, run))
+    assert (got["train/samples"], got["train/tokens"]) == (want["train/samples"], want["train/tokens"]) and want["train/samples"] > 0
+
+
+def test_sigterm_to_every_process_still_saves_and_resumes_into_the_same_wandb_run(tiny_bert, tmp_path):
+    """What Slurm does on preemption or scancel: SIGTERM to every process of the job, W&B's service included.
+    The run saves anyway (before it talks to W&B again), exits 0, and the rerun continues the same W&B run."""
+    import psutil
+
+    import wandb_reader
+
+    run = tmp_path / "run"
+    over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 400, "train.log_every": 1, "train.eval_every": None,
+                                             "data.max_examples": 200, "tracking.project": "shardtune-tests"})
+    proc = subprocess.Popen(_cmd(QS, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("wandb" in " ".join(p.cmdline()) for p in everyone[1:]), [p.cmdline() for p in everyone]
+    for p in everyone:
+        p.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"preempted \(signal 15\) at step (\d+): checkpoint saved", out).group(1))
+    first = wandb_reader.run_file(run)  # what its killed service managed to write is W&B's business; the id is in the name
+    again = _run(QS, [*over, "train.max_steps=" + str(stopped + 3)])
+    assert f"resumed from step-{stopped:08d} at step {stopped}" in again
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and first.name == files[-1].name == f"run-{wandb_reader.run_info(files[-1]).run_id}.wandb"
+    assert [r["_step"] for r in wandb_reader.history(files[-1]) if "train/loss" in r] == [stopped + 1, stopped + 2, stopped + 3]

@@ -313,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     except ShardtuneError as exc:
         print(f"shardtune: error: {exc}", file=sys.stderr)
         code = 2
+    except RuntimeError as exc:
+        from shardtune.dist import lost_a_rank
+
+        said = lost_a_rank(exc) if args.command == "train" else None
+        if said is None:
+            raise
+        print(f"shardtune: error: {said}", file=sys.stderr)
+        code = 1
     if args.command == "train":
         from shardtune.dist import leave
 

@@ -9,6 +9,7 @@ run config stays the single source of truth.
 from __future__ import annotations
 
 import os
+import re
 import resource
 from datetime import timedelta
 from pathlib import Path
@@ -132,6 +133,19 @@ def leave(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+PEER_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                 "Watchdog caught collective operation timeout")
+
+
+def lost_a_rank(exc: BaseException) -> str | None:
+    """One sentence when a collective failed because another rank died or stalled (the job's failure, not a bug here)."""
+    if not any(text in str(exc) for text in PEER_FAILURES):
+        return None
+    what = re.sub(r"^\[[^\]]*\] ", "", str(exc).splitlines()[0]).split(". ")[0][:160]  # gloo prefixes a source path
+    return (f"rank {os.environ.get('RANK', '0')} lost another rank ({what}): it died or stalled past dist.timeout_minutes; "
+            "the job stops here, rerun it to resume from the last checkpoint.")
 
 
 def all_flags(acc: Accelerator):

@@ -32,9 +32,9 @@ class Verdict:
 
 
 class StepChecks:
-    def __init__(self, acc, save_every_minutes: float | None, term_grace: float):
+    def __init__(self, acc, save_every_minutes: float | None, preemption: Preemption):
         self.acc = acc
-        self.preemption = Preemption(term_grace)
+        self.preemption = preemption
         self.save_every_s = save_every_minutes * 60 if save_every_minutes else None
         self.last_save = time.monotonic()
         self.loss_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
@@ -61,6 +61,3 @@ class StepChecks:
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
-
-    def restore(self) -> None:
-        self.preemption.restore()

@@ -26,6 +26,7 @@ from shardtune.checkpoint import (
     read_state,
     save_checkpoint,
     save_config,
+    step_dir,
     write_json,
 )
 from shardtune.config import Config
@@ -34,6 +35,7 @@ from shardtune.models import load_tokenizer
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.perf import Throughput, Window, environment
 from shardtune.guard import StepChecks
+from shardtune.preempt import Preemption
 from shardtune.progress import Progress
 from shardtune.tasks import build_task
 from shardtune.tracking import Tracker
@@ -74,6 +76,14 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     allowed = BEST_METRICS[cfg.task]
     if cfg.train.metric_for_best not in allowed:
         raise ShardtuneError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not logged for {cfg.task}; use one of {', '.join(allowed)}.")
+    preemption = Preemption(cfg.dist.term_grace_seconds)  # from the start: a signal during model loading counts too
+    try:
+        return _train(cfg, config_name, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(cfg: Config, config_name: str, preemption: Preemption) -> dict[str, float]:
     acc = build_accelerator(cfg)
     set_seed(cfg.train.seed)
     run_dir = Path(from_main(acc, str(choose_run_dir(cfg, config_name)) if acc.is_main_process else None))
@@ -105,7 +115,7 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
     progress.write(f"shardtune: {task.describe()}, {total} steps, {acc.num_processes} process(es) -> {run_dir}{resumed}")
 
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
-    checks = StepChecks(acc, cfg.train.save_every_minutes, cfg.dist.term_grace_seconds)
+    checks = StepChecks(acc, cfg.train.save_every_minutes, preemption)
     # DeepSpeed steps inside backward and skips a non-finite update itself (fp32, fp16); fp16's grad scaler
     # must see every step to skip an overflow and lower its scale. Elsewhere the loop holds the update back.
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -155,23 +165,27 @@ def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
         failpoints.hit("step", acc.process_index, run.step)
         if verdict.nonfinite or run.nonfinite_streak:
             _nonfinite(acc, run, verdict.nonfinite, tracker, progress, run_dir, cfg)
-        if run.step % cfg.train.log_every == 0 or run.step == total:
+        if verdict.stop:  # save before anything talks to W&B: under Slurm its service gets the signal too
+            perf.settle(window, run)
+            _checkpoint(acc, task, run, scheduler, run_dir, cfg)
+        if run.step % cfg.train.log_every == 0 or run.step == total or verdict.stop:
             metrics = perf.metrics(window, lr, grad_norm, run)
             metrics.update({"train/nonfinite_steps": run.nonfinite_steps, "train/rollbacks": run.rollbacks})
             tracker.log({**metrics, **task.stats()}, run.step)
             progress.log(run.step, metrics)
             window = Window()
+        if verdict.stop:
+            return _preempted(acc, run, run_dir, preemption, tracker, progress)
         if task.has_split("eval") and cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < total:
             stop = _eval_and_select(acc, task, model, run, tracker, progress, run_dir, cfg)
             last_eval, window.start = run.step, time.perf_counter()  # throughput counts training time only
         every = cfg.train.save_every
         if verdict.save or (every and (run.step % every == 0 or stop)):
+            perf.settle(window, run)
             _checkpoint(acc, task, run, scheduler, run_dir, cfg)
             checks.saved()
             window.start = time.perf_counter()
-        if verdict.stop:
-            return _preempted(acc, task, run, scheduler, run_dir, cfg, checks.preemption, tracker, progress)
-    checks.restore()
+    preemption.restore()
 
     return _finish(acc, task, model, optimizer, run, tracker, progress, run_dir, last_eval, started, cfg)
 
@@ -328,13 +342,11 @@ def _eval_and_select(acc, task, model, run: RunState, tracker, progress, run_dir
     return False
 
 
-def _preempted(acc, task, run: RunState, scheduler, run_dir: Path, cfg: Config, preemption, tracker, progress) -> dict:
-    """Save where we are, requeue under Slurm, and end the process's run cleanly (exit 0)."""
+def _preempted(acc, run: RunState, run_dir: Path, preemption, tracker, progress) -> dict:
+    """The checkpoint of this step is saved: requeue under Slurm and end the process's run cleanly (exit 0)."""
     from shardtune.preempt import requeue
 
-    ckpt = run_dir / "checkpoints" / f"step-{run.step:08d}"
-    if not ckpt.is_dir():
-        _checkpoint(acc, task, run, scheduler, run_dir, cfg)
+    ckpt = step_dir(run_dir, run.step)
     progress.write(f"preempted (signal {preemption.received or 'on another rank'}) at step {run.step}: checkpoint saved in {ckpt}")
     progress.close()
     tracker.finish()

@@ -60,6 +60,7 @@ class Window:
     tokens: torch.Tensor | int = 0
     data_s: float = 0.0  # host time blocked on the data loader
     start: float = field(default_factory=time.perf_counter)
+    counted: tuple[int, int] = (0, 0)  # global samples, tokens of this window already in the run's counters
 
     def add(self, loss: torch.Tensor, batch: dict) -> None:
         self.loss = self.loss + loss.detach().float()
@@ -79,13 +80,22 @@ class Throughput:
         self.flops_per_token = model_flops_per_token(acc.unwrap_model(model), seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(acc.device) if cuda else None, mixed_precision)
 
+    def settle(self, w: Window, run) -> None:
+        """Add the window's samples and tokens so far to the run's counters: a checkpoint between log steps must
+        carry them. Collective."""
+        sums = torch.tensor([w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
+        samples, tokens = (int(v) for v in self.acc.reduce(sums, reduction="sum").tolist())
+        run.samples += samples - w.counted[0]
+        run.tokens += tokens - w.counted[1]
+        w.counted = (samples, tokens)
+
     def metrics(self, w: Window, lr: float, grad_norm, run) -> dict[str, float]:
         elapsed = time.perf_counter() - w.start
         phases = self.clock.totals()
         sums = torch.tensor([float(w.loss), w.micro_batches, w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
         loss, micro, samples, tokens = self.acc.reduce(sums, reduction="sum").tolist()
-        run.samples += int(samples)
-        run.tokens += int(tokens)
+        run.samples += int(samples) - w.counted[0]
+        run.tokens += int(tokens) - w.counted[1]
         steps = max(w.steps, 1)
         per_device = tokens / elapsed / self.acc.num_processes
         out = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,26 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
+    def _wandb(self, call) -> None:
+        """Hand `call(run)` to W&B. Its service is a separate process that Slurm's SIGTERM ends too (it reaches every
+        process of the job): then say so once and go on without W&B, so the run can still save and requeue."""
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except ConnectionError as exc:
+            warnings.warn(
+                f"W&B's service is gone ({type(exc).__name__}: {exc}), so this process logs no more to W&B; every metric "
+                f"still goes to log.jsonl, and what W&B got before is in {self.run.dir} (a resumed run continues it).",
+                stacklevel=3,
+            )
+            self.run = None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.run is not None:
-            self.run.log(clean, step=step)
+        self._wandb(lambda run: run.log(clean, step=step))
         if self.tb is not None:
             for k, v in clean.items():
                 self.tb.add_scalar(k, v, step)
@@ -94,21 +109,19 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+            self._wandb(lambda run: run.log({name: wandb.Table(columns=columns, data=rows)}, step=step))
         if self.tb is not None:
             self.tb.add_text(name, "\n\n".join(" | ".join(map(str, r)) for r in rows), step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            for k, v in values.items():
-                self.run.summary[k] = v
+        self._wandb(lambda run: run.summary.update(values))
 
     def finish(self) -> None:
         if self.run is not None:
             offline = self.run.settings.mode == "offline" or getattr(self.run.settings, "_offline", False)
             path = Path(self.run.dir).parent
-            self.run.finish()
-            if offline:
+            self._wandb(lambda run: run.finish())
+            if offline and self.run is not None:
                 print(f"W&B: no API key, so this run was logged offline; upload it with: wandb sync {path}", flush=True)
         if self.tb is not None:
             self.tb.close()
