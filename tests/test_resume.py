@@ -250,7 +250,8 @@ def test_sigterm_to_every_process_still_saves_and_resumes_into_the_same_wandb_ru
     run = tmp_path / "run"
     over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 400, "train.log_every": 1, "train.eval_every": None,
                                              "data.max_examples": 200, "tracking.project": "shardtune-tests"})
-    proc = subprocess.Popen(_cmd(QS, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    own_service = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # not this pytest's: the run starts its own
+    proc = subprocess.Popen(_cmd(QS, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_service)
     deadline = time.time() + 300
     while time.time() < deadline and not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 5):
         time.sleep(0.05)
