@@ -153,7 +153,7 @@ def test_nonfinite_streak_rolls_back_then_stops_when_it_recurs(tiny_bert, tmp_pa
 def _launch_real(tiny_bert, run, failpoints: str, timeout_minutes: float):
     cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", "cpu", "--gpus", "0", "--processes", "2",
            "--main-port", str(next(forklaunch.PORTS)),
-           *_argv(tiny_bert, run, **{"train.max_steps": 200, "dist.timeout_minutes": timeout_minutes})[2:]]
+           *_argv(tiny_bert, run, **{"train.max_steps": 200, "dist.timeout_minutes": timeout_minutes, "dist.term_grace_seconds": 5})[2:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": failpoints}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
@@ -162,7 +162,7 @@ def _launch_real(tiny_bert, run, failpoints: str, timeout_minutes: float):
 def test_a_dead_or_stalled_rank_ends_the_job_within_the_timeout_and_leaves_no_process(fault, tiny_bert, tmp_path):
     import psutil
 
-    timeout_s = 15
+    timeout_s = 10  # and a 5 s SIGTERM grace (default 20): the stalled rank, sent SIGTERM by torchrun, is stuck
     proc = _launch_real(tiny_bert, tmp_path / "run", f"{fault}@step=3,rank=1", timeout_s / 60)
     lines = []
     for line in proc.stdout:  # read as it comes: a full pipe would stall the job for the wrong reason
