@@ -90,12 +90,14 @@ def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int, best_
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     failpoints.hit("save", acc.process_index, step)
+    _fsync_tree(tmp)  # on disk, not only in the page cache, before the main rank seals it
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json(tmp / STATE_FILE, state)
         write_json(tmp / MANIFEST, _files(tmp))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(root)
         _write_latest(root, final.name)
         best = step_dir(run_dir, best_step).name if best_step else None
         for old in sorted(root.glob("step-*"))[:-keep]:
@@ -107,8 +109,27 @@ def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int, best_
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / ".latest.tmp"
-    tmp.write_text(name + "\n")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, root / "latest")
+    _fsync(root)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_latest(root: Path) -> str | None:
