@@ -116,7 +116,7 @@ def _train(cfg: Config, config_name: str, preemption: Preemption) -> dict[str, f
 
     started, window, last_eval, stop = time.perf_counter(), Window(), run.step, False
     checks = StepChecks(acc, cfg.train.save_every_minutes, preemption)
-    # DeepSpeed steps inside backward and skips a non-finite update itself (fp32, fp16); fp16's grad scaler
+    # DeepSpeed steps inside backward and skips a non-finite update itself (fp16, bf16, fp32 with clipping); fp16's grad scaler
     # must see every step to skip an overflow and lower its scale. Elsewhere the loop holds the update back.
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
     scaled = getattr(acc, "scaler", None) is not None and acc.scaler.is_enabled()
