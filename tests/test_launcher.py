@@ -72,6 +72,7 @@ def test_default_strategy():
         ({"strategy": "ddp", "gpus": 2, "nodes": 2}, ["--main-address"]),
         ({"strategy": "ddp", "gpus": 2, "nodes": 2, "node_rank": 2, "main_address": "a"}, ["--node-rank 2"]),
         ({"strategy": "single_gpu", "gpus": 2}, ["one GPU"]),
+        ({"strategy": "cpu", "main_port": 123456}, ["--main-port 123456", "[1024, 65535]"]),
     ],
 )
 def test_bad_launches_say_what_to_do(kw, words):

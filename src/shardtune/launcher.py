@@ -52,6 +52,8 @@ def check(spec: LaunchSpec) -> None:
         raise ShardtuneError("a multi-node launch needs --main-address (the first node's address).")
     if not 0 <= spec.node_rank < spec.nodes:
         raise ShardtuneError(f"--node-rank {spec.node_rank} must be in [0, {spec.nodes - 1}] for {spec.nodes} nodes.")
+    if not 1024 <= spec.main_port <= 65535:
+        raise ShardtuneError(f"--main-port {spec.main_port} is not a usable TCP port; pick one in [1024, 65535], e.g. 29500.")
 
 
 def processes_per_node(spec: LaunchSpec) -> int:
