@@ -111,7 +111,7 @@ def test_usr1_saves_requeues_and_resumes_exactly_into_the_same_wandb_run(slurm, 
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the time limit
     pending = slurm.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120, "requeued")
     assert pending["Reason"] == "BeginTime"  # Slurm holds a requeued job for ~2 minutes; release it now
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm.release(job)
     info = _wait_end(slurm, job)
     log = _log(run, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-3000:]
