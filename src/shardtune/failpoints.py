@@ -34,7 +34,7 @@ def _entries() -> list[tuple[str, str, int, int]]:
 
 
 def _armed(action: str, where: str, rank: int, step: int) -> bool:
-    return (action, where, step, rank) in _entries() if os.environ.get(ENV) else False
+    return (action, where, step, rank) in _entries()
 
 
 def hit(where: str, rank: int, step: int) -> None:

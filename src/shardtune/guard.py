@@ -49,8 +49,8 @@ class StepChecks:
         if grad_norm is not None:
             bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=self.acc.device, dtype=torch.float32))
         due = self.save_every_s is not None and time.monotonic() - self.last_save >= self.save_every_s
-        flags = torch.stack([bad.float(), torch.tensor(float(self.preemption.received is not None), device=self.acc.device),
-                             torch.tensor(float(due), device=self.acc.device)])
+        host = torch.tensor([float(self.preemption.received is not None), float(due)], device=self.acc.device)
+        flags = torch.cat([bad.float().reshape(1), host])
         if self.acc.num_processes > 1:
             flags = self.acc.reduce(flags, reduction="sum")
         nonfinite, stop, save = (v > 0 for v in flags.tolist())

@@ -70,6 +70,13 @@ class Window:
         self.tokens = self.tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
 
 
+def _count(w: Window, run, samples: float, tokens: float) -> None:
+    """Move the window's global samples/tokens not yet counted into the run's counters."""
+    run.samples += int(samples) - w.counted[0]
+    run.tokens += int(tokens) - w.counted[1]
+    w.counted = (int(samples), int(tokens))
+
+
 class Throughput:
     """Turns a window into the logged throughput, MFU, timing and memory metrics."""
 
@@ -84,18 +91,14 @@ class Throughput:
         """Add the window's samples and tokens so far to the run's counters: a checkpoint between log steps must
         carry them. Collective."""
         sums = torch.tensor([w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
-        samples, tokens = (int(v) for v in self.acc.reduce(sums, reduction="sum").tolist())
-        run.samples += samples - w.counted[0]
-        run.tokens += tokens - w.counted[1]
-        w.counted = (samples, tokens)
+        _count(w, run, *self.acc.reduce(sums, reduction="sum").tolist())
 
     def metrics(self, w: Window, lr: float, grad_norm, run) -> dict[str, float]:
         elapsed = time.perf_counter() - w.start
         phases = self.clock.totals()
         sums = torch.tensor([float(w.loss), w.micro_batches, w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
         loss, micro, samples, tokens = self.acc.reduce(sums, reduction="sum").tolist()
-        run.samples += int(samples) - w.counted[0]
-        run.tokens += int(tokens) - w.counted[1]
+        _count(w, run, samples, tokens)
         steps = max(w.steps, 1)
         per_device = tokens / elapsed / self.acc.num_processes
         out = {
