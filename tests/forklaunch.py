@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -54,8 +53,7 @@ def launch(argv: list[str], log_dir: Path, world: int = 2, env: dict | None = No
     while any(p.is_alive() for p in procs):
         if any(p.exitcode not in (None, 0) for p in procs) or time.time() > deadline:
             for p in procs:  # one rank failed: the others would block in their next collective
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGKILL)
+                p.kill()  # SIGKILL; a rank that has just exited on its own is left alone
         time.sleep(0.02)
     for p in procs:
         p.join()
