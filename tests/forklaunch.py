@@ -11,14 +11,20 @@ the real launcher (`shardtune launch` -> accelerate -> torchrun) are elsewhere.
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
+import socket
 import time
 from pathlib import Path
 
-PORTS = itertools.count(31200)
 _ctx = None
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now (bound to 0, then released): launches never share a fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _context():
@@ -44,7 +50,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], env: dict, log: str
 def launch(argv: list[str], log_dir: Path, world: int = 2, env: dict | None = None, timeout: float = 300) -> list[int]:
     """Run `shardtune <argv>` on `world` ranks; returns each rank's exit code (negative = killed by that signal).
     Rank r's output is appended to log_dir/rank<r>.log."""
-    ctx, port = _context(), next(PORTS)
+    ctx, port = _context(), free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     procs = [ctx.Process(target=_rank, args=(r, world, port, argv, env, str(log_dir / f"rank{r}.log"))) for r in range(world)]
     for p in procs:

@@ -6,7 +6,6 @@ cannot run on this CPU-only machine (the launcher refuses it with a clear messag
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 import json
@@ -17,9 +16,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+from forklaunch import free_port
 
 STEPS = 20
-PORTS = itertools.count(29610)
 
 
 def _common(tiny_bert, out) -> list[str]:
@@ -42,7 +41,7 @@ def _launch(tiny_bert, out, strategy: str, *overrides: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "shardtune.cli", "launch", str(ROOT / "configs/quickstart.yaml"), "--strategy", strategy,
-        "--gpus", "0", "--processes", "2", "--main-port", str(next(PORTS)), *_common(tiny_bert, out), *overrides,
+        "--gpus", "0", "--processes", "2", "--main-port", str(free_port()), *_common(tiny_bert, out), *overrides,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -198,7 +197,7 @@ def test_each_rank_sees_disjoint_data_and_together_all_of_it(tiny_bert, tmp_path
     data.write_text("text,label\n" + "".join(f"document {i},{'ab'[i % 2]}\n" for i in range(100)))
     out = tmp_path / "seen.json"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(next(PORTS)),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
         str(ROOT / "tests" / "dist_worker.py"), str(ROOT / "configs/quickstart.yaml"), str(out),
         f"model.name_or_path={tiny_bert}", f"data.train_file={data}", "data.validation_fraction=0", "data.test_fraction=0",
         "train.batch_size=4", "train.epochs=1",
@@ -228,7 +227,7 @@ def test_stream_resume_on_two_processes_with_workers_is_exact(tiny_lm_tokenizer,
         over = lm_overrides(tiny_lm_tokenizer, lm_corpus, out, **{"train.max_steps": 12, "train.save_every": 4,
                                                                    "train.save_total_limit": 3, "data.num_workers": 2})
         cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(cfg), "--strategy", "cpu", "--gpus", "0", "--processes", "2",
-               "--main-port", str(next(PORTS)), *over, *extra]
+               "--main-port", str(free_port()), *over, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc.stdout
@@ -262,7 +261,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_bert, tmp_path):
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "shardtune.cli", "launch", str(ROOT / "configs/quickstart.yaml"), "--strategy", "cpu", "--gpus", "0",
-        "--processes", "2", "--main-port", str(next(PORTS)), *_common(tiny_bert, run), "train.batch_size=4", "train.max_steps=200",
+        "--processes", "2", "--main-port", str(free_port()), *_common(tiny_bert, run), "train.batch_size=4", "train.max_steps=200",
         "train.eval_every=null",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

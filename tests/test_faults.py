@@ -119,7 +119,7 @@ def _rank_state(ckpt) -> dict:
 def test_a_nan_on_one_rank_skips_that_step_on_every_rank(strategy, tiny_bert, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", strategy, "--gpus", "0", "--processes", "2",
-           "--main-port", str(next(forklaunch.PORTS)),
+           "--main-port", str(forklaunch.free_port()),
            *_argv(tiny_bert, run, **{"train.max_steps": 7, "train.save_every": 1, "train.save_total_limit": 10})[2:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": "nan@step=5,rank=1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -152,7 +152,7 @@ def test_nonfinite_streak_rolls_back_then_stops_when_it_recurs(tiny_bert, tmp_pa
 
 def _launch_real(tiny_bert, run, failpoints: str, timeout_minutes: float):
     cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", "cpu", "--gpus", "0", "--processes", "2",
-           "--main-port", str(next(forklaunch.PORTS)),
+           "--main-port", str(forklaunch.free_port()),
            *_argv(tiny_bert, run, **{"train.max_steps": 200, "dist.timeout_minutes": timeout_minutes, "dist.term_grace_seconds": 5})[2:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": failpoints}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)

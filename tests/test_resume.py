@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, lm_overrides, tiny_overrides
+from forklaunch import free_port
 
 QS = ROOT / "configs" / "quickstart.yaml"
 
@@ -139,7 +140,7 @@ def zero2_run(tiny_bert, tmp_path_factory):
     over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 4, "train.save_every": 2, "train.eval_every": None,
                                              "tracking.report_to": "[]", "data.max_examples": 200, "train.batch_size": 8})
     cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), "--strategy", "zero2", "--gpus", "0", "--processes", "2",
-           "--main-port", "29977", *over]
+           "--main-port", str(free_port()), *over]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, over, cmd
