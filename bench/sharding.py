@@ -17,7 +17,7 @@ fp32 (`train.mixed_precision: "no"`), no tracking, log_every=1.
 What is read back (nothing is measured by this script itself):
 
   metrics.json  `dist/optim_state_bytes`, `dist/param_bytes`, `dist/peak_rss_bytes`,
-                one value per rank (`shardtune.dist.state_bytes`, taken after the
+                one value per rank (`Strategy.state_bytes` (shardtune.distributed), taken after the
                 last step). Optimizer state = every non-scalar tensor in the state
                 of the innermost torch optimizer (under DeepSpeed: the one that
                 steps this rank's flat partition), i.e. the Adam moments. Params =
@@ -46,7 +46,7 @@ rank that `dist/optim_state_bytes` does not count. So DeepSpeed's fp32 model
 states per rank are DDP 16Ψ, ZeRO-1 8Ψ + 12Ψ/N, ZeRO-2 4Ψ + 16Ψ/N, ZeRO-3
 20Ψ/N (the paper's K=12 with 4-byte parameters and gradients), against the
 ideal fp32 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N. Peak RSS includes the Python/torch/
-DeepSpeed runtime (about 400 MiB after importing shardtune.loop) and transient
+DeepSpeed runtime (about 400 MiB after importing shardtune.trainer) and transient
 per-step buffers (ZeRO-3's gathered parameters and buckets), so it does not
 follow the model-state formulas at this size.
 

@@ -7,7 +7,7 @@ max_length, batch size, LR schedule (linear, 6% warmup), AdamW hyper-parameters
 padding to a multiple of 8, seed, thread count and number of optimizer steps,
 trained by
 
-  shardtune  `shardtune.loop.train(cfg)`, no tracking, no eval/test hold-out
+  shardtune  `shardtune.trainer.train(cfg)`, no tracking, no eval/test hold-out
   trainer    `transformers.Trainer`, report_to="none", no eval, no saving,
              `DataCollatorWithPadding(pad_to_multiple_of=8)`, default optimizer
   plain      a seed-script loop: DataLoader + the same collator, `torch.optim.AdamW`
@@ -213,7 +213,7 @@ def load_model(model_dir: Path):
 
 def run_shardtune(a, model_dir: Path, data: Path, out: Path) -> None:
     from shardtune.config import load_config
-    from shardtune.loop import train
+    from shardtune.trainer import train
 
     overrides = {
         "model.name_or_path": model_dir, "model.max_length": a.max_length,

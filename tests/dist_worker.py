@@ -1,4 +1,4 @@
-"""Run under `accelerate launch --num_processes 2`: which examples does each rank see per step?
+"""Run under `accelerate launch --num_processes 2`: which examples does each rank see per micro-batch?
 
 Writes {"steps": [[rank0 texts], [rank1 texts]] per micro-batch} to the path in argv[2].
 """
@@ -7,21 +7,23 @@ import json
 import sys
 
 from shardtune.config import load_config
-from shardtune.dist import build_accelerator, gather_objects, leave
+from shardtune.distributed import build_strategy
+from shardtune.distributed.comm import leave
 from shardtune.models import load_tokenizer
 from shardtune.tasks import build_task
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
-acc = build_accelerator(cfg)
+strategy = build_strategy(cfg)
 tokenizer = load_tokenizer(cfg.model)
-task = build_task(cfg, acc, tokenizer)
+task = build_task(cfg, strategy, tokenizer)
 steps, batches = [], task.batches()
 for _ in range(task.total_steps() * cfg.train.grad_accum):
     batch = next(batches)
-    texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    steps.append(gather_objects(acc, texts))
-if acc.is_main_process:
+    real = batch["labels"] != -100  # padding rows of the epoch's last step carry no label
+    texts = tokenizer.batch_decode(batch["input_ids"][real], skip_special_tokens=True)
+    steps.append(strategy.gather_objects(texts))
+if strategy.is_main:
     with open(sys.argv[2], "w") as f:
-        json.dump({"steps": steps, "world": acc.num_processes}, f)
-acc.end_training()
+        json.dump({"steps": steps, "world": strategy.world}, f)
+strategy.end()
 leave(0)

@@ -31,7 +31,7 @@ def _context():
     global _ctx
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(["torch", "transformers", "accelerate", "shardtune.loop", "shardtune.cli"])
+        _ctx.set_forkserver_preload(["torch", "transformers", "accelerate", "shardtune.trainer", "shardtune.cli"])
     return _ctx
 
 

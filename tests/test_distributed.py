@@ -1,8 +1,6 @@
-"""Real 2-process runs on CPU (gloo): DDP and DeepSpeed ZeRO-1/2/3/3+offload against 1 process.
-
-FSDP2 is not here: Accelerate enables FSDP only for GPU process groups, so it
-cannot run on this CPU-only machine (the launcher refuses it with a clear message).
-"""
+"""Runs through the real launcher (`shardtune launch` -> accelerate launch -> torchrun -> gloo ranks): the paths a
+user takes. The strategy matrix itself (every strategy against one process, resume on other world sizes) is in
+tests/test_strategies.py, on forked ranks that start faster."""
 
 from __future__ import annotations
 
@@ -47,138 +45,16 @@ def _launch(tiny_bert, out, strategy: str, *overrides: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_bert, tmp_path_factory):
-    """One process, micro-batch 8: the run every strategy must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, out),
-         "train.batch_size=8", "train.save_every=10"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_bert, tmp_path_factory):
-    """2 processes x micro-batch 4 (same global batch) under each strategy, plus 2 x 2 x accumulation 2."""
-    out = {}
-    for name, strategy, extra in [
-        ("cpu", "cpu", ["train.batch_size=4", "train.save_every=10"]),
-        ("zero1", "zero1", ["train.batch_size=4"]),
-        ("zero2", "zero2", ["train.batch_size=4", "train.save_every=10"]),
-        ("zero3", "zero3", ["train.batch_size=4"]),
-        ("zero3_offload", "zero3_offload", ["train.batch_size=4"]),
-        ("cpu_accum", "cpu", ["train.batch_size=2", "train.grad_accum=2"]),
-        ("zero2_accum", "zero2", ["train.batch_size=2", "train.grad_accum=2"]),
-    ]:
-        out[name] = tmp_path_factory.mktemp(name) / "run"
-        _launch(tiny_bert, out[name], strategy, *extra)
-    return out
-
-
-@pytest.mark.parametrize("name", ["cpu", "zero1", "zero2", "zero3", "zero3_offload", "cpu_accum", "zero2_accum"])
-def test_per_step_loss_matches_one_process(reference, runs, name):
-    ref, got = _losses(reference), _losses(runs[name])
-    assert len(ref) == len(got) == STEPS
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    assert worst < 1e-5, f"{name}: worst relative loss difference {worst:.2e}"
-    assert _metrics(runs[name])["dist/num_processes"] == 2
-
-
-@pytest.mark.parametrize("name", ["cpu", "zero1", "zero2", "zero3"])
-def test_eval_and_test_metrics_equal_one_process(reference, runs, name):
-    """Eval is over the whole eval set (every rank's part, padding duplicates dropped), not rank 0's part."""
-    ref, got = _metrics(reference), _metrics(runs[name])
-    assert got["test/accuracy"] == ref["test/accuracy"]
-    assert got["test/loss"] == pytest.approx(ref["test/loss"], rel=1e-4)
-    assert got["best/step"] == ref["best/step"]
-
-
-def test_sharding_is_real(runs):
-    """Per-rank live bytes: ZeRO-1/2/3 halve optimizer state; ZeRO-3 also halves parameters."""
-    ddp = _metrics(runs["cpu"])
-    ddp_opt, ddp_par = ddp["dist/optim_state_bytes"][0], ddp["dist/param_bytes"][0]
-    assert ddp["dist/optim_state_bytes"] == [ddp_opt, ddp_opt] and ddp_opt == 2 * ddp_par  # Adam: 2 fp32 moments
-    for name in ["zero1", "zero2", "zero3", "zero3_offload"]:
-        m = _metrics(runs[name])
-        for rank_bytes in m["dist/optim_state_bytes"]:
-            assert rank_bytes == pytest.approx(ddp_opt / 2, rel=0.05), name
-        expected_params = ddp_par / 2 if name.startswith("zero3") else ddp_par
-        for rank_bytes in m["dist/param_bytes"]:
-            assert rank_bytes == pytest.approx(expected_params, rel=0.05), name
-
-
-@pytest.mark.parametrize("name", ["zero3", "cpu"])
-def test_exported_model_reproduces_the_sharded_models_test_metrics(runs, name):
-    """The HF folder written at the end (ZeRO-3: gathered from shards) gives the same logits as the live model did."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from shardtune.config import load_config
-    from shardtune.data.classification import Encoded, load_splits, make_loader
-    from shardtune.metrics import classification_metrics
-
-    run = runs[name]
-    cfg = load_config(run / "config.yaml")
-    splits = load_splits(cfg.data)
-    tok = AutoTokenizer.from_pretrained(run / "model")
-    model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
-    label2id = {lab: i for i, lab in enumerate(splits.labels)}
-    loader = make_loader(Encoded(splits.test, tok, label2id, cfg.model.max_length), tok, 64, False, 0)
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            labels.append(batch.pop("labels"))
-            logits.append(model(**batch).logits)
-    m = classification_metrics(torch.cat(logits), torch.cat(labels), len(splits.labels))
-    live = _metrics(run)
-    assert m["accuracy"] == live["test/accuracy"]
-    assert m["loss"] == pytest.approx(live["test/loss"], rel=1e-5)
-
-
-def test_resume_two_processes_on_one_and_one_on_two(reference, runs, tiny_bert, tmp_path):
-    """A DDP checkpoint holds the whole model and optimizer: it resumes on any number of processes."""
-    two, one = runs["cpu"], reference
-    to_one = tmp_path / "to_one"
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, to_one),
-         "train.batch_size=8", f"train.resume={two}/checkpoints/step-00000010"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0 and "resumed from step-00000010 at step 10" in proc.stdout, proc.stderr[-3000:]
-    to_two = tmp_path / "to_two"
-    _launch(tiny_bert, to_two, "cpu", "train.batch_size=4", f"train.resume={one}/checkpoints/step-00000010")
-    for resumed, original in [(to_one, two), (to_two, one)]:
-        got, want = _losses(resumed), _losses(original)[10:]
-        assert len(got) == 10  # steps 11..20: continued, not restarted
-        assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 1e-5
-
-
-def test_zero_checkpoint_on_another_world_size_keeps_the_model(runs, tiny_bert, tmp_path):
-    """ZeRO shards of 2 ranks into 1 process: the weights are consolidated, so the next step's loss (computed before
-    any update) equals the 2-process run's; the optimizer state starts fresh, and the run says so."""
-    src = runs["zero2"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardtune.cli", "train", str(ROOT / "configs/quickstart.yaml"), *_common(tiny_bert, tmp_path / "one"),
-         "train.batch_size=8", f"train.resume={src}/checkpoints/step-00000010"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step-00000010 at step 10" in proc.stdout and "optimizer state and RNG states start fresh" in proc.stderr
-    got, want = _losses(tmp_path / "one"), _losses(src)
-    assert len(got) == 10 and abs(got[0] - want[10]) / want[10] < 1e-5
-
-
-@pytest.mark.parametrize("strategy", ["zero3", "cpu"])
-def test_shardtune_export_of_a_checkpoint_gives_the_live_models_logits(strategy, tiny_bert, tmp_path):
-    """ZeRO-3 shards (DeepSpeed consolidation) and a DDP checkpoint both export to a folder that plain from_pretrained loads."""
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_launched_run_and_shardtune_export_give_the_live_models_logits(strategy, tiny_bert, tmp_path):
+    """ZeRO-3 (accelerate's DeepSpeed launch: the strategy comes from its environment) and FSDP2 on CPU processes
+    (launched as plain CPU ranks with dist.strategy=fsdp): `shardtune export` of the checkpoint == the live model."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     run = tmp_path / "run"
     _launch(tiny_bert, run, strategy, "train.batch_size=4", "train.max_steps=6", "train.save_every=6", "train.eval_every=null")
+    assert _metrics(run)["dist/strategy"] == strategy
     proc = subprocess.run(
         [sys.executable, "-m", "shardtune.cli", "export", str(run / "checkpoints/step-00000006"), "--out", str(tmp_path / "hf")],
         capture_output=True, text=True, timeout=300,
@@ -208,11 +84,10 @@ def test_each_rank_sees_disjoint_data_and_together_all_of_it(tiny_bert, tmp_path
     assert seen["world"] == 2 and len(seen["steps"]) == 13  # ceil(100 / (2 x 4))
     everything = []
     for step, (rank0, rank1) in enumerate(seen["steps"]):
-        if step < 12:
-            assert not set(rank0) & set(rank1), step
+        assert not set(rank0) & set(rank1), step
         everything += rank0 + rank1
-    assert set(everything) == {f"document {i}" for i in range(100)}
-    assert len(everything) == 104  # the uneven tail: 4 examples padded in (even batches), nothing else twice
+    assert sorted(everything) == sorted(f"document {i}" for i in range(100))  # each exactly once
+    assert [len(r) for r in seen["steps"][-1]] == [4, 0]  # the uneven tail: rank 1's rows are unlabelled padding
 
 
 def test_stream_resume_on_two_processes_with_workers_is_exact(tiny_lm_tokenizer, lm_corpus, tmp_path):
@@ -237,21 +112,6 @@ def test_stream_resume_on_two_processes_with_workers_is_exact(tiny_lm_tokenizer,
     out = launch(resumed, f"train.resume={full}/checkpoints/step-00000004")
     assert "resumed from step-00000004 at step 4" in out
     assert _losses(resumed) == _losses(full)[4:]  # steps 5..12, bit for bit
-
-
-@pytest.mark.parametrize("name, strategy", [("cpu", "cpu"), ("zero2", "zero2"), ("zero3", "zero3")])
-def test_plan_predicts_the_measured_model_state_bytes(runs, name, strategy):
-    """`shardtune plan`'s model-state arithmetic against live per-rank bytes of real 2-process runs (fp32)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from shardtune.plan import model_state_bytes
-
-    psi = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(runs[name] / "model").parameters())
-    want = model_state_bytes(psi, strategy, 2, "no")
-    m = _metrics(runs[name])
-    for rank in range(2):
-        assert m["dist/param_bytes"][rank] == pytest.approx(want["params"], rel=0.05)
-        assert m["dist/optim_state_bytes"][rank] == pytest.approx(want["optim"], rel=0.05)
 
 
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_bert, tmp_path):

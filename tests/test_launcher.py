@@ -25,9 +25,13 @@ def spec(**kw) -> LaunchSpec:
     return LaunchSpec(config="run.yaml", launch_dir=L, python=PY, **kw)
 
 
+def tail(strategy: str, *overrides: str) -> list[str]:
+    return [*TAIL, *overrides, f"dist.strategy={strategy}"]
+
+
 def test_cpu_two_processes():
     assert build_command(spec(strategy="cpu")) == HEAD + [
-        "/repo/launch/cpu.yaml", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29500", *TAIL
+        "/repo/launch/cpu.yaml", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29500", *tail("cpu")
     ]
 
 
@@ -36,13 +40,13 @@ def test_zero2_on_cpu_with_overrides_and_extra_args():
     assert cmd == HEAD + [
         "/repo/launch/zero2.yaml", "--deepspeed_config_file", "/repo/launch/deepspeed/zero2.json",
         "--num_processes", "4", "--num_machines", "1", "--main_process_port", "29500",
-        "--mixed_precision", "no", *TAIL, "optim.lr=1e-4",
+        "--mixed_precision", "no", *tail("zero2", "optim.lr=1e-4"),
     ]
 
 
 def test_ddp_eight_gpus():
     assert build_command(spec(strategy="ddp", gpus=8)) == HEAD + [
-        "/repo/launch/ddp.yaml", "--num_processes", "8", "--num_machines", "1", "--main_process_port", "29500", *TAIL
+        "/repo/launch/ddp.yaml", "--num_processes", "8", "--num_machines", "1", "--main_process_port", "29500", *tail("ddp")
     ]
 
 
@@ -51,13 +55,23 @@ def test_zero3_offload_two_nodes():
     assert cmd == HEAD + [
         "/repo/launch/zero3_offload.yaml", "--deepspeed_config_file", "/repo/launch/deepspeed/zero3_offload.json",
         "--num_processes", "8", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node0",
-        "--deepspeed_multinode_launcher", "standard", "--main_process_port", "6000", *TAIL,
+        "--deepspeed_multinode_launcher", "standard", "--main_process_port", "6000", *tail("zero3_offload"),
     ]
 
 
-def test_fsdp_and_single_gpu():
+def test_fsdp_on_gpus_and_on_cpu_processes_and_single_gpu():
     assert build_command(spec(strategy="fsdp", gpus=2))[4] == "/repo/launch/fsdp.yaml"
-    assert build_command(spec(strategy="single_gpu", gpus=1))[4:8] == ["/repo/launch/single_gpu.yaml", "--num_processes", "1", "--num_machines"]
+    # CPU FSDP2: plain CPU processes (Accelerate's FSDP launch wants GPUs); dist.strategy=fsdp tells the ranks
+    assert build_command(spec(strategy="fsdp", processes=2)) == HEAD + [
+        "/repo/launch/cpu.yaml", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29500", *tail("fsdp")
+    ]
+    assert build_command(spec(strategy="single_gpu", gpus=1)) == [PY, *tail("single_gpu")]  # one process: no launcher
+
+
+def test_one_process_runs_without_a_launcher():
+    """Accelerate refuses --multi_gpu with one process; one process needs none: `shardtune train` with the strategy."""
+    assert build_command(spec(strategy="cpu", processes=1)) == [PY, *tail("cpu")]
+    assert build_command(spec(strategy="zero2", processes=1, overrides=["optim.lr=1e-4"])) == [PY, *tail("zero2", "optim.lr=1e-4")]
 
 
 def test_default_strategy():
@@ -68,7 +82,10 @@ def test_default_strategy():
     "kw, words",
     [
         ({"strategy": "zero4"}, ["unknown strategy 'zero4'", "zero3_offload"]),
-        ({"strategy": "fsdp"}, ["needs CUDA GPUs", "zero3"]),
+        ({"strategy": "ddp"}, ["needs CUDA GPUs", "fsdp"]),
+        ({"strategy": "cpu", "gpus": -1}, ["--gpus -1 must be at least 0"]),
+        ({"strategy": "cpu", "processes": 0}, ["--processes 0 must be at least 1"]),
+        ({"strategy": "cpu", "processes": -2}, ["--processes -2 must be at least 1"]),
         ({"strategy": "ddp", "gpus": 2, "nodes": 2}, ["--main-address"]),
         ({"strategy": "ddp", "gpus": 2, "nodes": 2, "node_rank": 2, "main_address": "a"}, ["--node-rank 2"]),
         ({"strategy": "single_gpu", "gpus": 2}, ["one GPU"]),
@@ -98,11 +115,12 @@ def test_deepspeed_json_leaves_run_config_values_to_accelerate():
         for key in ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"]:
             assert ds[key] == "auto", (f.name, key)
         assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+        assert ds["bf16"]["check_grad_overflow"] is True, f.name  # DeepSpeed's own NaN/Inf skip in bf16, stated not assumed
 
 
 def test_cli_dry_run_prints_and_python_m_launch(run_cli):
     code, out, _ = run_cli("launch", ROOT / "configs/quickstart.yaml", "--strategy", "zero3", "--gpus", "0", "--dry-run", "optim.lr=1e-4")
-    assert code == 0 and "--deepspeed_config_file" in out and out.strip().endswith("optim.lr=1e-4")
+    assert code == 0 and "--deepspeed_config_file" in out and out.strip().endswith("optim.lr=1e-4 dist.strategy=zero3")
     shim = subprocess.run(
         [sys.executable, "-m", "launch", "configs/quickstart.yaml", "--gpus", "0", "--dry-run"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -113,12 +131,12 @@ def test_cli_dry_run_prints_and_python_m_launch(run_cli):
 
 def test_zero3_without_deepspeed_installed(monkeypatch, tmp_path):
     from shardtune.config import Config
-    from shardtune.dist import _deepspeed_plugin
+    from shardtune.distributed.zero import _plugin
 
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "launch/deepspeed/zero3.json"))
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(ShardtuneError, match="needs DeepSpeed; `pip install deepspeed`"):
-        _deepspeed_plugin(Config())
+        _plugin(Config(), "zero3")
 
 
 def test_strategy_auto_picks_what_fits(run_cli):

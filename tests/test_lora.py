@@ -83,10 +83,18 @@ def _from_checkpoint(run):
     from shardtune.models import load_causal_lm
 
     ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
-    cfg = validate(read_state(ckpt)["config"])
+    cfg = validate(read_state(ckpt).config)
     model = load_causal_lm(cfg.model, AutoTokenizer.from_pretrained(cfg.model.name_or_path))
     model.load_state_dict(checkpoint_state_dict(ckpt), strict=True)
     return model, ckpt
+
+
+def _strategy(lr: float = 5e-5):
+    """The one-process strategy, as `shardtune train` builds it."""
+    from shardtune.config import Config
+    from shardtune.distributed import build_strategy
+
+    return build_strategy(Config.model_validate({"optim": {"lr": lr}}))
 
 
 def _lora_cfg(base, **lora):
@@ -173,7 +181,6 @@ def test_scratch_model_cannot_export_the_adapter_alone(tiny_lm_tokenizer):
 
 
 def test_export_merges_a_copy_not_the_live_model(tiny_base, tmp_path):
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shardtune.checkpoint import export_model
@@ -184,7 +191,9 @@ def test_export_merges_a_copy_not_the_live_model(tiny_base, tmp_path):
     ids = _probe(tiny_base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     expected = _logits(model, ids)
-    export_model(Accelerator(cpu=True), model, tok, None, tmp_path / "model")
+    strategy = _strategy()
+    strategy.prepare(model)
+    export_model(strategy, tok, None, tmp_path / "model")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=0)
@@ -245,7 +254,9 @@ def test_read_exported_state_restores_what_was_exported(tiny_base, tmp_path, mer
     trained = _perturbed(load_causal_lm(_lora_cfg(tiny_base), tok))
     save_lora(trained, tmp_path / "model", merge=merge)
     live = load_causal_lm(_lora_cfg(tiny_base), tok)  # base weights + a fresh adapter
-    live.load_state_dict(read_exported_state(tmp_path / "model", live), strict=True)
+    restored = read_exported_state(tmp_path / "model", live)  # part of the state: the frozen base or lora_A stay
+    assert restored and not set(restored) - set(live.state_dict())
+    live.load_state_dict(restored, strict=False)
     ids = _probe(tiny_base)
     torch.testing.assert_close(_logits(live, ids), _logits(trained, ids), rtol=0, atol=ATOL)
 
@@ -259,7 +270,7 @@ def test_read_exported_state_of_a_classifier(tiny_bert, tmp_path, merge):
     save_lora(trained, tmp_path / "model", merge=merge)
     torch.manual_seed(5)  # another random head
     live = load_classifier(cfg, ["a", "b"])
-    live.load_state_dict(read_exported_state(tmp_path / "model", live), strict=True)
+    live.load_state_dict(read_exported_state(tmp_path / "model", live), strict=False)
     ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
     torch.testing.assert_close(_logits(live, ids), _logits(trained, ids), rtol=0, atol=ATOL)
 
@@ -299,33 +310,28 @@ def test_lora_classification_run_merges_head_and_adapters(tiny_bert, tmp_path, r
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
 def test_best_export_loads_back_into_the_prepared_model(tiny_base, tmp_path, merge):
-    """The loop's path: export at an eval, train on, then load the best export back (what dist.load_weights must do)."""
-    from accelerate import Accelerator
+    """The Trainer's path: export at an eval, train on, then load the best export back into the prepared model."""
     from transformers import AutoTokenizer
 
     from shardtune.checkpoint import export_model
-    from shardtune.config import OptimConfig
-    from shardtune.dist import load_state
     from shardtune.models import load_causal_lm, read_exported_state
-    from shardtune.optim import build_optimizer
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    acc = Accelerator(cpu=True)
-    live = load_causal_lm(_lora_cfg(tiny_base, merge=merge), tok)
-    model, optimizer = acc.prepare(live, build_optimizer(live, OptimConfig(lr=1e-2)))
+    strategy = _strategy(lr=1e-2)
+    strategy.prepare(load_causal_lm(_lora_cfg(tiny_base, merge=merge), tok))
+    model = strategy.model
     ids = _probe(tiny_base)
 
     def steps(n):
         model.train()
         for _ in range(n):
-            acc.backward(model(input_ids=ids, labels=ids).loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            strategy.backward(model(input_ids=ids, labels=ids).loss)
+            strategy.optimizer_step(skip=False)
 
     steps(2)
     best = _logits(model, ids)
-    export_model(acc, model, tok, None, tmp_path / "model")
+    export_model(strategy, tok, None, tmp_path / "model")
     steps(2)
     assert (_logits(model, ids) - best).abs().max() > 1e-4
-    load_state(acc, model, lambda: read_exported_state(tmp_path / "model", acc.unwrap_model(model)))
+    strategy.load_full_state_dict(lambda: read_exported_state(tmp_path / "model", strategy.unwrapped()), partial=True)
     torch.testing.assert_close(_logits(model, ids), best, rtol=0, atol=ATOL)

@@ -84,12 +84,12 @@ def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tiny_bert, tmp_pa
                                              "tracking.report_to": "[]", "data.max_examples": 200, "train.log_every": 1})
     _run(QS, over)
     newest = run / "checkpoints" / "step-00000008"
-    victim = newest / "model.safetensors"
+    victim = newest / "dcp" / "__0_0.distcp"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     proc = subprocess.run(_cmd(QS, over[:-1] + ["train.max_steps=10"]), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step-00000004 at step 4" in proc.stdout
-    assert "skipping incomplete checkpoint" in proc.stderr and "model.safetensors has 100 bytes" in proc.stderr
+    assert "skipping incomplete checkpoint" in proc.stderr and "dcp/__0_0.distcp has 100 bytes" in proc.stderr
 
 
 def test_resume_from_a_path_that_is_not_a_checkpoint(run_cli, tmp_path):

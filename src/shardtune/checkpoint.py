@@ -1,9 +1,11 @@
 """Run folders, checkpoints (atomic, resumable) and the export to HF format.
 
-A checkpoint is `checkpoints/step-NNNNNNNN/`: Accelerate's `save_state` (model,
-optimizer and per-rank RNG states; DeepSpeed's per-rank shards under ZeRO),
-`trainer_state.json` (step, counters, data position, LR schedule, best eval,
-W&B run id) and `manifest.json` (every file and its size), written last. It
+A checkpoint is `checkpoints/step-NNNNNNNN/`: the strategy's model and optimizer
+state (`dcp/`: torch.distributed.checkpoint shards for DDP and FSDP2; `zero/`:
+DeepSpeed's per-rank shards), `rng-<rank>.safetensors` per rank,
+`trainer_state.json` (state.py: counters, every rank's data position, LR
+schedule, best eval, W&B run id, layout, config) and `manifest.json` (every
+file and its size), written last. It
 is built under a temporary name and renamed into place; `checkpoints/latest`
 names the newest and is replaced atomically after the rename. A checkpoint
 whose manifest is missing or does not match its files is incomplete and is
@@ -31,7 +33,6 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "label_map.json"
 CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
 
@@ -77,23 +78,26 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int, best_step: int | None = None) -> Path:
-    """Every rank writes its part; the main rank seals it with the manifest and renames it into place.
-    Then only the newest `keep` checkpoints stay, plus the one at `best_step` (the best eval) when there is one."""
+def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None) -> Path:
+    """Every rank writes its part (model, optimizer, its RNG) and fsyncs the files it wrote; the main rank then seals
+    the checkpoint with the trainer state and the manifest and renames it into place. Only the newest `keep`
+    checkpoints stay, plus the one at `best_step` (the best eval) when there is one."""
     from shardtune import failpoints
+    from shardtune.distributed import rng
 
     root = run_dir / CKPT_DIR
     final, tmp = step_dir(run_dir, step), root / f".tmp-step-{step:08d}"
-    if acc.is_main_process:
+    if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    failpoints.hit("save", acc.process_index, step)
-    _fsync_tree(tmp)  # on disk, not only in the page cache, before the main rank seals it
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json(tmp / STATE_FILE, state)
+    strategy.barrier()
+    written = strategy.save(tmp) + [rng.save(tmp, strategy.rank)]
+    failpoints.hit("save", strategy.rank, step)
+    for path in written:  # on disk, not only in the page cache, before the main rank seals it
+        _fsync(path)
+    strategy.barrier()
+    if strategy.is_main:
+        state.write(tmp)
         write_json(tmp / MANIFEST, _files(tmp))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -103,7 +107,7 @@ def save_checkpoint(acc, run_dir: Path, step: int, state: dict, keep: int, best_
         for old in sorted(root.glob("step-*"))[:-keep]:
             if old.name != best:
                 shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    strategy.barrier()
     return final
 
 
@@ -115,12 +119,6 @@ def _write_latest(root: Path, name: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, root / "latest")
     _fsync(root)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            _fsync(path)
 
 
 def _fsync(path: Path) -> None:
@@ -187,14 +185,17 @@ def find_checkpoint(run_dir: Path, resume: str, before: int | None = None) -> Pa
     return None
 
 
-def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+def read_state(path: Path):
+    """The checkpoint's TrainerState (state.py)."""
+    from shardtune.state import TrainerState
+
+    return TrainerState.read(path)
 
 
 # ---------------------------------------------------------------- export
 
 
-def export_model(acc, model, tokenizer, labels: list[str] | None, out: Path) -> None:
+def export_model(strategy, tokenizer, labels: list[str] | None, out: Path) -> None:
     """HF folder: safetensors weights (sharded when big), tokenizer, label map; replaced atomically. Collective.
 
     A LoRA (PEFT) model is written merged, as a plain HF folder, or as PEFT's adapter folder (model.lora.merge);
@@ -202,12 +203,12 @@ def export_model(acc, model, tokenizer, labels: list[str] | None, out: Path) -> 
     """
     from shardtune.models import is_peft, save_lora
 
-    state = acc.get_state_dict(model)
-    if acc.is_main_process:
+    state = strategy.full_state_dict()
+    if strategy.is_main:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = strategy.unwrapped()
         if is_peft(unwrapped):
             save_lora(unwrapped, tmp, state)
         else:
@@ -217,4 +218,4 @@ def export_model(acc, model, tokenizer, labels: list[str] | None, out: Path) -> 
             write_json(tmp / LABELS_FILE, {"id2label": dict(enumerate(labels))})
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    acc.wait_for_everyone()
+    strategy.barrier()

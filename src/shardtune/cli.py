@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from shardtune.loop import train
+    from shardtune.trainer import train
 
     train(cfg, Path(args.config).stem)
     return 0
@@ -142,8 +142,7 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = list(args.overrides)
     if strategy == "auto":
         strategy, why = auto_strategy(cfg, gpus, args.nodes)
-        print(f"strategy auto -> {strategy}: {why}", flush=True)
-        overrides.append(f"dist.strategy={strategy}")  # the run's config (and W&B) records the choice
+        print(f"strategy auto -> {strategy}: {why}", flush=True)  # dist.strategy=S in the command records the choice
     spec = LaunchSpec(
         config=args.config,
         strategy=strategy,
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardtune: error: {exc}", file=sys.stderr)
         code = 2
     except RuntimeError as exc:
-        from shardtune.dist import lost_a_rank
+        from shardtune.distributed.comm import lost_a_rank
 
         said = lost_a_rank(exc) if args.command == "train" else None
         if said is None:
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardtune: error: {said}", file=sys.stderr)
         code = 1
     if args.command == "train":
-        from shardtune.dist import leave
+        from shardtune.distributed.comm import leave
 
         return leave(code)
     return code

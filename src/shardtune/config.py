@@ -8,6 +8,7 @@ is allowed. All of them surface as one `ConfigError` sentence.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
@@ -136,6 +137,23 @@ class StreamConfig(_Section):
         if self.validation_sources and self.holdout:
             raise ValueError("set either validation_sources or holdout, not both")
         return self
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task declares for the config and for the code that never builds it (export, plan); tasks/ holds the rest."""
+
+    data: type  # the model of the config's data: section
+    metrics: tuple[str, ...]  # eval metrics that can select the best model
+    best: str  # the default train.metric_for_best
+    export: str  # the transformers Auto class of the exported model
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "classification": TaskSpec(DataConfig, ("eval/loss", "eval/accuracy", "eval/f1_macro"), "eval/accuracy", "AutoModelForSequenceClassification"),
+    "causal_lm": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM"),
+    "sft": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM"),
+}
 
 
 class OptimConfig(_Section):

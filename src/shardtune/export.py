@@ -1,7 +1,8 @@
 """`shardtune export CHECKPOINT --out DIR`: any checkpoint -> a plain HF safetensors folder.
 
-DDP/CPU checkpoints hold the whole model; ZeRO checkpoints hold per-rank
-shards that DeepSpeed's own consolidation turns into one fp32 state dict. The
+DDP and FSDP2 checkpoints are torch.distributed.checkpoint shards, read back
+whole in one process; ZeRO checkpoints hold per-rank shards that DeepSpeed's
+own consolidation turns into one fp32 state dict (distributed.checkpoint_weights). The
 model skeleton is built on the meta device and the tensors are assigned into
 it, so memory holds one copy of the weights, not two; large models are
 written as sharded safetensors files. A LoRA run's skeleton is wrapped by
@@ -23,17 +24,10 @@ from shardtune.models import is_peft, save_lora
 
 
 def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The whole model's weights from a checkpoint, ZeRO shards consolidated (fp32)."""
-    if (ckpt / "pytorch_model").is_dir():  # DeepSpeed: consolidate the ZeRO shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The whole model's weights from a checkpoint of any strategy, in one process (fp32 for ZeRO)."""
+    from shardtune.distributed import checkpoint_weights
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("model*.safetensors"))
-    if not files:
-        raise ShardtuneError(f"{ckpt} holds no model weights (model.safetensors or pytorch_model/); pass a checkpoint folder.")
-    return {k: v for f in files for k, v in load_file(f).items()}
+    return checkpoint_weights(ckpt)
 
 
 def _skeleton(cfg, labels):
@@ -65,8 +59,8 @@ def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB", merge:
     if why:
         raise ShardtuneError(f"cannot export {ckpt}: {why}; pass a complete checkpoint folder (runs/.../checkpoints/step-N).")
     saved = read_state(ckpt)
-    cfg = validate(saved["config"])
-    labels = saved.get("labels")
+    cfg = validate(saved.config)
+    labels = saved.labels
     lora = cfg.model.lora
     if lora is not None and cfg.model.init == "scratch" and merge is False:
         raise ShardtuneError(f"{ckpt} is a LoRA run on a from-scratch model, whose base weights exist only merged with the adapter; export it merged.")

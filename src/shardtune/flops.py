@@ -38,7 +38,8 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     untied one was never subtracted (it is a Linear, not an Embedding).
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    numel = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 elements locally)
+    from shardtune.distributed.init import full_numel as numel
+
     n = sum(numel(p) for p in model.parameters() if id(p) not in embedding_ids)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and id(out.weight) in embedding_ids:

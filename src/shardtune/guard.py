@@ -8,6 +8,9 @@
   with a message.
 - stop: a preemption signal reached some rank (preempt.py).
 - save: `train.save_every_minutes` have passed on some rank's clock.
+- out of data: some rank could not take the next step's micro-batches (a finite
+  stream ran out there); the Trainer fetches them before this agreement, so
+  every rank stops after this step and no rank trains on padding.
 
 Each rank contributes its flags and takes the sum over ranks, so all ranks act
 at the same step even when only one of them saw the event. Flags stay on the
@@ -29,35 +32,38 @@ class Verdict:
     nonfinite: bool
     stop: bool
     save: bool
+    out_of_data: bool = False
 
 
 class StepChecks:
-    def __init__(self, acc, save_every_minutes: float | None, preemption: Preemption):
-        self.acc = acc
+    def __init__(self, strategy, save_every_minutes: float | None, preemption: Preemption):
+        self.strategy = strategy
         self.preemption = preemption
         self.save_every_s = save_every_minutes * 60 if save_every_minutes else None
         self.last_save = time.monotonic()
-        self.loss_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        self.loss_bad = torch.zeros((), dtype=torch.bool, device=strategy.device)
 
     def watch_loss(self, loss: torch.Tensor) -> None:
         """Called on each micro-batch's loss; stays on the device."""
         self.loss_bad = self.loss_bad | ~torch.isfinite(loss.detach())
 
-    def agree(self, grad_norm) -> Verdict:
+    def agree(self, grad_norm: torch.Tensor | None, has_next: bool = True) -> Verdict:
         """Collective: call on every rank once per optimizer step, after the gradients are complete."""
         bad = self.loss_bad
         if grad_norm is not None:
-            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=self.acc.device, dtype=torch.float32))
+            bad = bad | ~torch.isfinite(grad_norm.detach().float())
         due = self.save_every_s is not None and time.monotonic() - self.last_save >= self.save_every_s
-        host = torch.tensor([float(self.preemption.received is not None), float(due)], device=self.acc.device)
-        flags = torch.cat([bad.float().reshape(1), host])
-        if self.acc.num_processes > 1:
-            flags = self.acc.reduce(flags, reduction="sum")
-        nonfinite, stop, save = (v > 0 for v in flags.tolist())
+        host = torch.tensor([float(self.preemption.received is not None), float(due), float(not has_next)], device=self.strategy.device)
+        flags = self.strategy.all_reduce_sum(torch.cat([bad.float().reshape(1), host]))
+        nonfinite, stop, save, out = (v > 0 for v in flags.tolist())
         self.loss_bad = torch.zeros_like(self.loss_bad)
         if stop:
             self.preemption.acknowledge()
-        return Verdict(nonfinite, stop, save)
+        return Verdict(nonfinite, stop, save, out)
+
+    def everyone_has(self, has: bool) -> bool:
+        """Collective: whether every rank has the first step's micro-batches."""
+        return self.strategy.all_reduce_sum(torch.tensor([float(not has)], device=self.strategy.device)).item() == 0
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

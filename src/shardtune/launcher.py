@@ -14,7 +14,7 @@ from shardtune import ShardtuneError
 from shardtune.config import STRATEGIES
 
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3", "zero3_offload")
-GPU_ONLY = ("single_gpu", "ddp", "fsdp")
+GPU_ONLY = ("single_gpu", "ddp")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class LaunchSpec:
     strategy: str
     launch_dir: Path
     gpus: int = 0
-    processes: int | None = None  # CPU processes (strategy cpu or DeepSpeed on CPU); default 2
+    processes: int | None = None  # CPU processes per node (gpus 0); default 2
     nodes: int = 1
     node_rank: int = 0
     main_address: str | None = None
@@ -42,9 +42,12 @@ def default_strategy(gpus: int) -> str:
 def check(spec: LaunchSpec) -> None:
     if spec.strategy not in STRATEGIES:
         raise ShardtuneError(f"unknown strategy {spec.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    for flag, value, least in (("--gpus", spec.gpus, 0), ("--processes", spec.processes, 1), ("--nodes", spec.nodes, 1)):
+        if value is not None and value < least:
+            raise ShardtuneError(f"{flag} {value} must be at least {least}" + (" (0 = CPU processes)." if flag == "--gpus" else "."))
     if spec.strategy in GPU_ONLY and spec.gpus == 0:
         raise ShardtuneError(
-            f"strategy {spec.strategy} needs CUDA GPUs (Accelerate runs it only on GPUs); on CPU use cpu, zero1, zero2, zero3 or zero3_offload."
+            f"strategy {spec.strategy} needs CUDA GPUs; on CPU use cpu (DDP over gloo), zero1, zero2, zero3, zero3_offload or fsdp."
         )
     if spec.strategy == "single_gpu" and (spec.gpus != 1 or spec.nodes != 1):
         raise ShardtuneError("strategy single_gpu runs one process on one GPU; use ddp for more GPUs.")
@@ -61,14 +64,20 @@ def processes_per_node(spec: LaunchSpec) -> int:
 
 
 def build_command(spec: LaunchSpec) -> list[str]:
-    """The `accelerate launch ...` argv for a run."""
+    """The `accelerate launch ...` argv for a run; one process in all needs no launcher: `shardtune train` itself.
+    The strategy travels as `dist.strategy=S` too, which is how a CPU FSDP2 run (launched as plain CPU processes,
+    since Accelerate's FSDP launch wants GPUs) knows it is one."""
     check(spec)
     per_node = processes_per_node(spec)
-    cmd = [spec.python, "-m", "accelerate.commands.launch", "--config_file", str(spec.launch_dir / f"{spec.strategy}.yaml")]
+    train = ["-m", "shardtune.cli", "train", spec.config, *spec.overrides, f"dist.strategy={spec.strategy}"]
+    if per_node * spec.nodes == 1 and not spec.extra:
+        return [spec.python, *train]
+    config = "cpu" if spec.strategy == "fsdp" and spec.gpus == 0 else spec.strategy
+    cmd = [spec.python, "-m", "accelerate.commands.launch", "--config_file", str(spec.launch_dir / f"{config}.yaml")]
     if spec.strategy in DEEPSPEED_STRATEGIES:
         cmd += ["--deepspeed_config_file", str(spec.launch_dir / "deepspeed" / f"{spec.strategy}.json")]
-    elif spec.strategy != "single_gpu" and spec.gpus == 0:
-        cmd += ["--multi_gpu"]  # torchrun-style spawn; each process then picks gloo on CPU (dist.py)
+    elif config != "single_gpu" and spec.gpus == 0:
+        cmd += ["--multi_gpu"]  # torchrun-style spawn; each process then picks gloo on CPU (distributed/)
     cmd += ["--num_processes", str(per_node * spec.nodes), "--num_machines", str(spec.nodes)]
     if spec.nodes > 1:
         cmd += ["--machine_rank", str(spec.node_rank), "--main_process_ip", spec.main_address]
@@ -76,8 +85,7 @@ def build_command(spec: LaunchSpec) -> list[str]:
             cmd += ["--deepspeed_multinode_launcher", "standard"]  # torchrun on each node, no pdsh/ssh
     cmd += ["--main_process_port", str(spec.main_port)]
     cmd += list(spec.extra)
-    cmd += ["-m", "shardtune.cli", "train", spec.config, *spec.overrides]
-    return cmd
+    return cmd + train
 
 
 def render(cmd: list[str]) -> str:

@@ -1,41 +1,34 @@
-"""Eval metrics, reduced over every rank's share of the eval set."""
+"""Classification metrics as sums (all-reduced over ranks, then divided): loss, accuracy, macro-F1."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+IGNORE = -100  # label of a padding row: no loss, no count
+
+
+def classification_sums(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """[loss sum, correct, count, tp per class, fp per class, fn per class] over the rows whose label is not IGNORE."""
+    keep = labels != IGNORE
+    logits, labels = logits[keep].float(), labels[keep]
+    preds = logits.argmax(-1)
+    classes = torch.arange(num_labels, device=labels.device)[:, None]
+    hit_pred, hit_true = preds[None] == classes, labels[None] == classes
+    return torch.cat([
+        torch.stack([F.cross_entropy(logits, labels, reduction="sum") if len(labels) else logits.sum(),
+                     (preds == labels).sum().float(), torch.tensor(float(len(labels)), device=labels.device)]),
+        (hit_pred & hit_true).sum(1).float(), (hit_pred & ~hit_true).sum(1).float(), (~hit_pred & hit_true).sum(1).float(),
+    ]).double()
+
+
+def metrics_from_sums(sums: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Mean loss, accuracy and macro-F1 (classes absent from both predictions and labels are left out)."""
+    loss, correct, n = sums[:3].tolist()
+    tp, fp, fn = sums[3:].view(3, num_labels).tolist()
+    f1s = [2 * t / (2 * t + p + f) for t, p, f in zip(tp, fp, fn) if t + p + f]
+    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "f1_macro": sum(f1s) / len(f1s) if f1s else 0.0}
+
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
-    """Mean loss, accuracy and macro-F1 (classes absent from both preds and labels are left out)."""
-    loss = F.cross_entropy(logits.float(), labels).item()
-    preds = logits.argmax(-1)
-    f1s = []
-    for c in range(num_labels):
-        tp = ((preds == c) & (labels == c)).sum().item()
-        fp = ((preds == c) & (labels != c)).sum().item()
-        fn = ((preds != c) & (labels == c)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {
-        "loss": loss,
-        "accuracy": (preds == labels).float().mean().item(),
-        "f1_macro": sum(f1s) / len(f1s) if f1s else 0.0,
-    }
-
-
-@torch.no_grad()
-def evaluate(acc, model, loader, num_labels: int, prefix: str) -> dict[str, float]:
-    """Metrics over the whole eval set: every rank's part, duplicates from even batching dropped."""
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels = [], []
-    for batch in loader:
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        logits, labels = acc.gather_for_metrics((logits.float(), labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    model.train(was_training)
-    m = classification_metrics(torch.cat(all_logits), torch.cat(all_labels), num_labels)
-    return {f"{prefix}/{k}": v for k, v in m.items()}
+    return metrics_from_sums(classification_sums(logits, labels, num_labels), num_labels)

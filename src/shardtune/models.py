@@ -13,12 +13,12 @@ import copy
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from shardtune import ShardtuneError
 from shardtune.assets import PACKAGED_MODELS, packaged_model
 from shardtune.config import LoraConfig, ModelConfig
+from shardtune.distributed.init import unsharded_init
 
 ADAPTER_CONFIG = "adapter_config.json"
 LABELS_FILE = "label_map.json"  # the same name checkpoint.py writes
@@ -215,19 +215,6 @@ def add_lora(model, cfg: LoraConfig, task_type: str, base_name: str | None):
     return wrapped
 
 
-@contextmanager
-def plain_init():
-    """Models built inside are plain ones even while a ZeRO-3 run is set up (transformers would zero.Init them)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref
-
-
 def merged_copy(peft_model, state: dict):
     """A plain HF model: `state` (the PEFT model's full state dict) loaded into a fresh skeleton and merged there.
 
@@ -239,7 +226,7 @@ def merged_copy(peft_model, state: dict):
     base = peft_model.get_base_model()
     lcfg = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
     lcfg.modules_to_save = None if lcfg.modules_to_save is None else list(dict.fromkeys(lcfg.modules_to_save))
-    with plain_init(), torch.device("meta"):
+    with unsharded_init(), torch.device("meta"):
         skeleton = peft.get_peft_model(type(base)._from_config(copy.deepcopy(base.config)), lcfg)
     tied = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
     state = {k: v.detach().clone() if ".base_layer." in k else v for k, v in state.items()}
@@ -264,23 +251,24 @@ def save_lora(peft_model, folder: Path, state: dict | None = None, merge: bool |
 
 
 def read_exported_state(folder: Path, live) -> dict:
-    """The state dict, in the live model's key names, of a folder `export_model` wrote for it.
+    """The tensors to load, in the live model's key names, from a folder `export_model` wrote for it: plain tensors,
+    never the live (possibly sharded) ones.
 
-    A plain model reads the HF folder. A PEFT model reads an adapter folder into its adapter (the frozen base
-    weights are the live ones), or a merged folder into its base weights with the LoRA update zeroed (lora_B = 0):
-    it then computes exactly the exported function; training on from there would start a fresh adapter.
-    It reads the live model's own tensors: under ZeRO-3 call it inside GatheredParameters (dist.load_state's `read`).
+    A plain model reads the whole HF folder. A PEFT model gets part of its state only (load it with strict=False):
+    from an adapter folder its adapter (the frozen base weights stay as they are), from a merged folder its base
+    weights with the LoRA update zeroed (lora_B = 0, lora_A stays): it then computes exactly the exported function;
+    training on from there would start a fresh adapter. Only the live model's key names and shapes are read.
     """
     folder = Path(folder)
     if not is_peft(live):
-        with plain_init():  # from_pretrained, not raw safetensors: it maps saved key names to the model's
+        with unsharded_init():  # from_pretrained, not raw safetensors: it maps saved key names to the model's
             return type(live).from_pretrained(folder).state_dict()
-    live_state = live.state_dict()
+    live_state = {k: (tuple(v.shape), v.dtype) for k, v in live.state_dict().items()}
     if (folder / ADAPTER_CONFIG).is_file():
         from peft.utils import load_peft_weights
 
-        return {**live_state, **_adapter_to_live(live, live_state, load_peft_weights(str(folder), device="cpu"), folder)}
-    with plain_init():
+        return _adapter_to_live(live, live_state, load_peft_weights(str(folder), device="cpu"), folder)
+    with unsharded_init():
         plain = type(live.get_base_model()).from_pretrained(folder).state_dict()
     return _merged_to_live(live, live_state, plain, folder)
 
@@ -313,8 +301,10 @@ def _merged_to_live(live, live_state: dict, plain: dict, folder: Path) -> dict:
 
     name, prefix = live.active_adapter, "base_model.model."
     owners = {n: m for n, m in live.get_base_model().named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))}
+    import torch
+
     out = {}
-    for key, value in live_state.items():
+    for key, (shape, dtype) in live_state.items():
         inner = key.removeprefix(prefix)
         parts = inner.split(".")
         owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in owners), None)
@@ -326,8 +316,9 @@ def _merged_to_live(live, live_state: dict, plain: dict, folder: Path) -> dict:
                 if rest.startswith(infix):
                     original = f"{owner}.{rest[len(infix):]}"
                     break
-            else:  # an adapter tensor: keep lora_A, zero lora_B so that the adapter adds nothing
-                out[key] = value.new_zeros(value.shape) if rest.startswith(("lora_B.", "lora_embedding_B.")) else value
+            else:  # an adapter tensor: lora_A stays, lora_B becomes zero so that the adapter adds nothing
+                if rest.startswith(("lora_B.", "lora_embedding_B.")):
+                    out[key] = torch.zeros(shape, dtype=dtype)
                 continue
         if original not in plain:
             raise ShardtuneError(f"the model in {folder} does not fit this model ({original} is missing); it was exported from another model.")

@@ -8,13 +8,23 @@ from transformers import get_scheduler
 from shardtune.config import OptimConfig
 
 
+def decays(module: torch.nn.Module, name: str) -> bool:
+    """The HF Trainer's rule, by names and module types, never by tensor shapes (ZeRO-3 and FSDP2 partition
+    parameters into 1-D or empty tensors): no decay on biases and on the weights of normalization layers."""
+    if name == "bias" or name.endswith("_bias"):
+        return False
+    return "norm" not in type(module).__name__.lower()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and normalization weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    """AdamW groups: decay on weights, none on biases and normalization weights (see `decays`)."""
+    decay, no_decay, seen = [], [], set()
+    for _, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights once
+                continue
+            seen.add(id(p))
+            (decay if decays(module, name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

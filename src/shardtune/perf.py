@@ -51,23 +51,22 @@ class Stopwatch:
 
 @dataclass
 class Window:
-    """Sums over the optimizer steps since the last log line."""
+    """Sums over the optimizer steps since the last log line, kept on the device (the hot path never reads them)."""
 
-    loss: torch.Tensor | float = 0.0  # tensors, so the hot path never waits on the device
-    micro_batches: int = 0
+    loss: torch.Tensor | float = 0.0  # sum of per-token (per-example) losses
+    weight: torch.Tensor | float = 0.0  # what the loss is averaged over
     steps: int = 0
-    samples: int = 0
+    samples: torch.Tensor | int = 0
     tokens: torch.Tensor | int = 0
     data_s: float = 0.0  # host time blocked on the data loader
     start: float = field(default_factory=time.perf_counter)
     counted: tuple[int, int] = (0, 0)  # global samples, tokens of this window already in the run's counters
 
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
-        self.loss = self.loss + loss.detach().float()
-        self.micro_batches += 1
-        self.samples += batch["input_ids"].shape[0]
-        mask = batch.get("attention_mask")
-        self.tokens = self.tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
+    def add(self, loss_sum: torch.Tensor, sizes) -> None:
+        self.loss = self.loss + loss_sum.detach().double()
+        self.weight = self.weight + sizes.weight.double()
+        self.samples = self.samples + sizes.samples
+        self.tokens = self.tokens + sizes.tokens
 
 
 def _count(w: Window, run, samples: float, tokens: float) -> None:
@@ -77,34 +76,37 @@ def _count(w: Window, run, samples: float, tokens: float) -> None:
     w.counted = (int(samples), int(tokens))
 
 
+def _sums(strategy, *values) -> list[float]:
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=strategy.device) for v in values])
+    return strategy.all_reduce_sum(t).tolist()
+
+
 class Throughput:
     """Turns a window into the logged throughput, MFU, timing and memory metrics."""
 
-    def __init__(self, acc, model, seq_len: int, mixed_precision: str):
-        self.acc = acc
-        cuda = acc.device.type == "cuda"
+    def __init__(self, strategy, model, seq_len: int, mixed_precision: str):
+        self.strategy = strategy
+        cuda = strategy.device.type == "cuda"
         self.clock = Stopwatch(cuda)
-        self.flops_per_token = model_flops_per_token(acc.unwrap_model(model), seq_len)
-        self.peak = peak_flops(torch.cuda.get_device_name(acc.device) if cuda else None, mixed_precision)
+        self.flops_per_token = model_flops_per_token(model, seq_len)
+        self.peak = peak_flops(torch.cuda.get_device_name(strategy.device) if cuda else None, mixed_precision)
 
     def settle(self, w: Window, run) -> None:
         """Add the window's samples and tokens so far to the run's counters: a checkpoint between log steps must
         carry them. Collective."""
-        sums = torch.tensor([w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
-        _count(w, run, *self.acc.reduce(sums, reduction="sum").tolist())
+        _count(w, run, *_sums(self.strategy, w.samples, w.tokens))
 
-    def metrics(self, w: Window, lr: float, grad_norm, run) -> dict[str, float]:
+    def metrics(self, w: Window, lr: float, grad_norm: float, run) -> dict[str, float]:
         elapsed = time.perf_counter() - w.start
         phases = self.clock.totals()
-        sums = torch.tensor([float(w.loss), w.micro_batches, w.samples, float(w.tokens)], dtype=torch.float64, device=self.acc.device)
-        loss, micro, samples, tokens = self.acc.reduce(sums, reduction="sum").tolist()
+        loss, weight, samples, tokens = _sums(self.strategy, w.loss, w.weight, w.samples, w.tokens)
         _count(w, run, samples, tokens)
         steps = max(w.steps, 1)
-        per_device = tokens / elapsed / self.acc.num_processes
+        per_device = tokens / elapsed / self.strategy.world
         out = {
-            "train/loss": loss / max(micro, 1),
+            "train/loss": loss / max(weight, 1),  # the mean over every label token (example) of the window's steps
             "train/lr": lr,
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": grad_norm,
             "train/samples_per_s": samples / elapsed,
             "train/tokens_per_s": tokens / elapsed,
             "train/tokens_per_s_per_device": per_device,
@@ -115,22 +117,22 @@ class Throughput:
             "time/data_s": w.data_s / steps,
             "time/forward_backward_s": phases.get("forward_backward", 0.0) / steps,
             "time/optimizer_s": phases.get("optimizer", 0.0) / steps,
-            **memory(self.acc),
+            **memory(self.strategy.device),
         }
         if self.peak:
             out["train/mfu"] = per_device * self.flops_per_token / self.peak
-        scaler = getattr(self.acc, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            out["train/loss_scale"] = float(scaler.get_scale())
+        scale = self.strategy.loss_scale()
+        if scale is not None:
+            out["train/loss_scale"] = scale
         return out
 
 
-def memory(acc) -> dict[str, float]:
+def memory(device: torch.device) -> dict[str, float]:
     """Peak memory of this process: GPU allocated/reserved, or host RSS on CPU."""
-    if acc.device.type == "cuda":
+    if device.type == "cuda":
         return {
-            "memory/peak_allocated_gib": torch.cuda.max_memory_allocated(acc.device) / GIB,
-            "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(acc.device) / GIB,
+            "memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
         }
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
 
@@ -144,7 +146,7 @@ def _git_sha() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment(acc) -> dict:
+def environment(world: int) -> dict:
     """The run's code, packages and hardware, for the W&B config."""
     versions = {}
     for pkg in ("shardtune", "torch", "transformers", "accelerate", "deepspeed", "datasets", "peft", "wandb"):
@@ -156,5 +158,5 @@ def environment(acc) -> dict:
     return {
         "git_sha": _git_sha(),
         "versions": versions,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "gpus": gpus, "num_processes": acc.num_processes},
+        "hardware": {"cpu": platform.processor() or platform.machine(), "gpus": gpus, "num_processes": world},
     }

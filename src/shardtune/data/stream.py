@@ -325,8 +325,12 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         """Continue from the consumed state; ranks step together through `sync` (see the module docstring)."""
         self._reset()
-        if self.world_size > 1 and self.sync is None and not self.endless:
-            raise ShardtuneError("with world_size > 1 the stream loader needs sync= (an all-gather of has-a-batch flags) so that all ranks stop together.")
+        if self.world_size > 1 and self.sync is None and not self.endless and self.split != "train":
+            raise ShardtuneError("with world_size > 1 the validation loader needs sync= (an all-gather of has-a-batch flags) so that all ranks stop together.")
+        if self.sync is None:  # this rank's batches until it runs out: the Trainer agrees across ranks in its per-step collective
+            while self.peek() is not None:
+                yield self.next()
+            return
         while True:
             has = self.peek() is not None
             flags = list(self.sync(has)) if self.sync is not None else [has]

@@ -1,0 +1,131 @@
+"""FSDP2: torch's `fully_shard` per transformer block and at the root, as torchtitan applies it.
+
+Why not Accelerate's FSDP path: it refuses CPU process groups, and this one code path runs on GPUs (NCCL)
+and on CPUs (gloo) alike, so the suite tests the FSDP2 that users run. Accelerate is not involved here;
+the process group is torch's own.
+
+- Blocks: the modules whose class the model lists in `_no_split_modules` (BertLayer, LlamaDecoderLayer,
+  ...); the root group holds the rest (embeddings, final norm, head: tied weights stay in one group).
+- Mixed precision: `MixedPrecisionPolicy` -- parameters all-gathered in bf16 for compute, gradients
+  reduced in fp32; the sharded fp32 parameters are what the optimizer steps. fp16 is refused (no grad
+  scaler here).
+- Gradients are reduce-scattered (averaged over ranks) in every micro-batch's backward; clipping gives
+  a DTensor norm, turned into a plain tensor.
+- Checkpoints: DCP (distributed/dcp.py), resharded on load, interchangeable with DDP's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from shardtune import ShardtuneError
+from shardtune.config import Config
+from shardtune.distributed import comm, dcp
+from shardtune.distributed.base import Strategy, load_into_dcp_strategy, read_on_main
+from shardtune.optim import build_optimizer
+
+
+def _init_process_group(cfg: Config) -> torch.device:
+    comm.ensure_process_env()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=cfg.dist.timeout_minutes))
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """The transformer-block classes to shard one by one (HF models name them in `_no_split_modules`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    if not names:
+        raise ShardtuneError(f"{type(base).__name__} names no transformer blocks (_no_split_modules), so FSDP2 cannot shard it per block; use zero3.")
+    return names
+
+
+class FSDPStrategy(Strategy):
+    family = "dcp"
+    shards_parameters = True
+
+    def __init__(self, cfg: Config, name: str = "fsdp"):
+        super().__init__(cfg, name)
+        if cfg.train.mixed_precision == "fp16":
+            raise ShardtuneError("strategy fsdp runs bf16 or fp32 (it has no fp16 grad scaler); set train.mixed_precision=bf16 or no.")
+        self.mixed_precision = cfg.train.mixed_precision
+        self.device = _init_process_group(cfg)
+
+    def _policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.mixed_precision == "bf16":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        policy, blocks = self._policy(), block_classes(model)
+        for module in list(model.modules()):
+            if type(module).__name__ in blocks:
+                if self.cfg.model.compile:
+                    module.compile()
+                fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        self.model = model
+        self.optimizer = build_optimizer(model, self.cfg.optim)  # over the sharded DTensor parameters
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.world).backward()  # FSDP2 averages the reduce-scattered gradients over ranks
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def optimizer_step(self, skip: bool) -> bool:
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not skip
+
+    def _torch_optimizer(self):
+        return self.optimizer
+
+    def _resharded(self) -> None:
+        """State-dict code wants every parameter as its DTensor shard: a module that did not reshard after its last
+        forward (an eval forward has no backward to do it) is resharded first."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def save(self, ckpt: Path) -> list[Path]:
+        self._resharded()
+        return dcp.save(self.model, self.optimizer, ckpt)
+
+    def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:
+        self._resharded()
+        return load_into_dcp_strategy(self, ckpt, saved_strategy)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        self._resharded()
+        return dcp.full_model_state(self.model)
+
+    def load_full_state_dict(self, read: Callable[[], dict[str, torch.Tensor]], partial: bool = False) -> None:
+        self._resharded()
+        dcp.load_full_model_state(self.model, read_on_main(self, read, partial), partial)

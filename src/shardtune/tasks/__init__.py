@@ -1,0 +1,77 @@
+"""Tasks: one module per task behind one typed protocol, and the registry the Trainer builds them from.
+
+A task owns its model and data; the Trainer owns the order of a step. Per optimizer step the Trainer takes
+`grad_accum` micro-batches from `batches()`, sums `sizes(batch).weight` over them and over all ranks (one
+all-reduce, no host read), and backpropagates each `loss(model, batch)[0]` divided by that total: the
+step's loss is the mean over every label token (or example, or pair) of the step, whatever the number of
+micro-batches and ranks. Adding a task: one module here with its class in TASKS, and its config model and
+TaskSpec in config.py (the config is a leaf module, so the spec lives there). Nothing in the Trainer
+changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from shardtune.config import TASK_SPECS, Config, TaskSpec
+
+if TYPE_CHECKING:
+    from shardtune.distributed import Strategy
+
+
+@dataclass
+class Sizes:
+    """What one micro-batch holds, as device tensors (summed without a host read)."""
+
+    weight: torch.Tensor  # what the loss is averaged over: label tokens, examples or pairs
+    samples: torch.Tensor  # real examples (rows that are not padding)
+    tokens: torch.Tensor  # input tokens that are not padding (throughput)
+
+
+@runtime_checkable
+class Task(Protocol):
+    spec: ClassVar[TaskSpec]  # config model, metrics, default best metric, export class (config.TASK_SPECS)
+    model: torch.nn.Module  # before the strategy wraps it
+    tokenizer: object
+    labels: list[str] | None  # classification's label names (saved with the model); None otherwise
+
+    def describe(self) -> str: ...  # one line for the run's start
+
+    def total_steps(self) -> int: ...  # optimizer steps of the run
+
+    def seq_len(self) -> int: ...  # tokens per row (FLOPs per token)
+
+    def batches(self) -> Iterator[dict]: ...  # this rank's micro-batches from the restored position; ends when out of data
+
+    def sizes(self, batch: dict) -> Sizes: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...  # (sum, count)
+
+    def state_dict(self) -> dict: ...  # this rank's data position after the batches taken so far (JSON)
+
+    def load_state_dict(self, states: list[dict]) -> None: ...  # every rank's saved position (any earlier layout)
+
+    def has_split(self, split: str) -> bool: ...
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]: ...  # over every rank's part; collective
+
+    def stats(self) -> dict[str, float]: ...  # this rank's stream counts (the Trainer sums them over ranks)
+
+    def generations(self, model: torch.nn.Module) -> list[list[str]]: ...  # [[prompt, completion]] at each eval
+
+
+def task_classes() -> dict[str, type]:
+    from shardtune.tasks.causal_lm import CausalLMTask, SFTTask
+    from shardtune.tasks.classification import ClassificationTask
+
+    return {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask}
+
+
+def build_task(cfg: Config, strategy: "Strategy", tokenizer) -> Task:
+    return task_classes()[cfg.task](cfg, strategy, tokenizer)
+
+
+__all__ = ["Sizes", "Task", "TASK_SPECS", "build_task", "task_classes"]
