@@ -27,6 +27,13 @@ class _Section(BaseModel):
 
 LM_TASKS = ("causal_lm", "sft")
 DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m"}
+# what each task logs at eval that train.metric_for_best may name, and the default when it names none
+BEST_METRICS = {
+    "classification": ("eval/loss", "eval/accuracy", "eval/f1_macro"),
+    "causal_lm": ("eval/loss", "eval/perplexity"),
+    "sft": ("eval/loss", "eval/perplexity"),
+}
+DEFAULT_BEST_METRIC = {"classification": "eval/accuracy", "causal_lm": "eval/loss", "sft": "eval/loss"}
 
 
 class LoraConfig(_Section):
@@ -162,7 +169,9 @@ class TrainConfig(_Section):
     z_loss: float = Field(0.0, ge=0, description="LM only: add z_loss * mean(logsumexp(logits)^2) over labelled tokens (PaLM uses 1e-4).")
     eval_prompts: list[str] = Field([], description="LM only: prompts completed greedily at each eval, logged as a W&B table.")
     eval_on_start: bool = Field(False, description="Also evaluate the starting model (logged at step 0; not a best-model candidate).")
-    metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
+    metric_for_best: Optional[str] = Field(
+        None, description="Metric for best-model selection and early stopping; None = the task's (eval/accuracy, LM tasks eval/loss)."
+    )
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches per process (streams); None = the whole eval set.")
@@ -247,6 +256,13 @@ class Config(_Section):
                 raise ValueError(f"data.sft applies to task sft only, but task is {self.task}; remove data.sft or set task: sft")
         if self.model.name_or_path is None and self.model.init == "pretrained":
             self.model.name_or_path = DEFAULT_MODELS[self.task]
+        allowed = BEST_METRICS[self.task]
+        if self.train.metric_for_best is None:
+            self.train.metric_for_best = DEFAULT_BEST_METRIC[self.task]
+        elif self.train.metric_for_best not in allowed:
+            raise ValueError(
+                f"train.metric_for_best {self.train.metric_for_best!r} is not logged for task {self.task}; use one of {', '.join(allowed)}"
+            )
         if self.task not in LM_TASKS and (self.train.z_loss or self.train.eval_prompts):
             raise ValueError("train.z_loss and train.eval_prompts apply to language-model tasks (causal_lm, sft), not classification")
         if self.model.init == "scratch" and not (self.model.preset or self.model.name_or_path):
@@ -289,8 +305,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax there.") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML.") from None
-    if data is None:
-        return {}
+    if data is None or data == {}:
+        raise ConfigError(f"config file {path} holds no settings; start from configs/quickstart.yaml (a copy of it, or it with KEY=VALUE overrides).")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a {type(data).__name__}.")
     return data
