@@ -206,6 +206,17 @@ class TrackingConfig(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online with an API key, offline otherwise (WANDB_MODE wins when set)."
     )
+    init_timeout_s: float = Field(
+        30, gt=0, description="Seconds an online W&B run may take to reach the server; past them the run logs offline (wandb sync it later)."
+    )
+    log_model: Literal["best", "final", "none"] = Field(
+        "none", description="At the end, log the best or the final exported model as a W&B artifact of type model; none = no artifact."
+    )
+
+    @field_validator("log_model", mode="before")
+    @classmethod
+    def _none_is_the_word(cls, v: Any) -> Any:
+        return "none" if v is None else v  # `tracking.log_model=none` on the command line arrives as None
 
 
 STRATEGIES = ("cpu", "single_gpu", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp")
