@@ -90,3 +90,66 @@ def test_top_level_must_be_a_mapping(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_config_file_is_refused_naming_the_quickstart(tmp_path, text):
+    f = tmp_path / "empty.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, ["train.max_steps=5"])
+    msg = str(err.value)
+    assert "\n" not in msg and str(f) in msg and "holds no settings" in msg and "configs/quickstart.yaml" in msg
+
+
+@pytest.mark.parametrize(
+    "task, extra, metric",
+    [
+        ("classification", {}, "eval/accuracy"),
+        ("causal_lm", {"data": {"sources": [{"path": "x.jsonl"}]}}, "eval/loss"),
+        ("sft", {"data": {"sources": [{"path": "x.jsonl"}]}}, "eval/loss"),
+    ],
+)
+def test_metric_for_best_defaults_to_the_tasks(task, extra, metric):
+    from shardtune.config import TASK_SPECS, validate
+
+    cfg = validate({"task": task, **extra})
+    assert cfg.train.metric_for_best == metric == TASK_SPECS[task].best and metric in TASK_SPECS[task].metrics
+    # an explicit choice that the task logs is kept
+    other = [m for m in TASK_SPECS[task].metrics if m != metric][0]
+    assert validate({"task": task, "train": {"metric_for_best": other}, **extra}).train.metric_for_best == other
+
+
+def test_a_minimal_causal_lm_config_validates(tmp_path):
+    """The shape a new user writes first: no train section at all."""
+    f = tmp_path / "lm.yaml"
+    f.write_text("task: causal_lm\ndata:\n  sources: [{path: docs.jsonl}]\n")
+    assert load_config(f).train.metric_for_best == "eval/loss"
+
+
+@pytest.mark.parametrize(
+    "task, metric, allowed",
+    [
+        ("causal_lm", "eval/accuracy", "eval/loss, eval/perplexity"),
+        ("classification", "eval/perplexity", "eval/loss, eval/accuracy, eval/f1_macro"),
+        ("classification", "eval/bleu", "eval/loss, eval/accuracy, eval/f1_macro"),
+    ],
+)
+def test_a_best_metric_the_task_does_not_log_is_a_config_error(tmp_path, task, metric, allowed):
+    data = "data:\n  sources: [{path: docs.jsonl}]\n" if task != "classification" else ""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"task: {task}\n{data}")
+    with pytest.raises(ConfigError) as err:
+        load_config(f, [f"train.metric_for_best={metric}"])
+    msg = str(err.value)
+    assert "\n" not in msg and f"train.metric_for_best {metric!r} is not logged for task {task}" in msg and allowed in msg
+
+
+def test_shardtune_train_on_an_empty_file_says_one_sentence_and_trains_nothing(tmp_path, run_cli):
+    from conftest import one_sentence
+
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    code, out, err = run_cli("train", f, f"output.dir={tmp_path}/r")
+    one_sentence(code, err, "holds no settings", "configs/quickstart.yaml")
+    assert not (tmp_path / "r").exists()

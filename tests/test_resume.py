@@ -269,3 +269,21 @@ def test_sigterm_to_every_process_still_saves_and_resumes_into_the_same_wandb_ru
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and first.name == files[-1].name == f"run-{wandb_reader.run_info(files[-1]).run_id}.wandb"
     assert [r["_step"] for r in wandb_reader.history(files[-1]) if "train/loss" in r] == [stopped + 1, stopped + 2, stopped + 3]
+
+
+def test_a_stopped_run_without_output_dir_says_the_command_that_resumes_it(tiny_bert, tmp_path):
+    """Outside Slurm the default run folder has a timestamp: the stop line pins it, and running that line resumes."""
+    import shlex
+
+    over = tiny_overrides(tiny_bert, tmp_path / "unused", **{"train.max_steps": 8, "train.eval_every": None, "tracking.report_to": "[]",
+                                                             "data.max_examples": 200, "train.log_every": 1})
+    over = [o for o in over if not o.startswith("output.dir=")]
+    env = {**os.environ, "SHARDTUNE_FAILPOINTS": "usr1@step=3"}
+    proc = subprocess.run(_cmd(QS, over), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = int(re.search(r"preempted \(signal 10\) at step (\d+)", proc.stdout).group(1))  # the step after 3 (in flight)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("to resume, run: "))
+    argv = shlex.split(line.removeprefix("to resume, run: "))
+    assert argv[:2] == ["shardtune", "train"] and argv[-1].startswith("output.dir=runs/quickstart-"), argv
+    again = subprocess.run([sys.executable, "-m", "shardtune.cli", *argv[1:]], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and f"resumed from step-{stopped:08d} at step {stopped}" in again.stdout, again.stderr[-3000:]

@@ -2,8 +2,11 @@
 
 Two-node CPU jobs (one rank per node) of a tiny BERT: a job rendered and submitted by `shardtune launch --slurm`
 runs to the end; the same job preempted with `scancel --signal=USR1 --batch` saves, requeues itself, resumes
-and ends with the uninterrupted job's per-step losses and one W&B run; slurm/train.sbatch submitted with plain
-sbatch as an array task names its W&B run after the array job and task.
+and ends with the uninterrupted job's per-step losses and one W&B run. slurm/train.sbatch submitted with plain
+sbatch and no output.dir (2 CPU ranks on one node): preempted and requeued, it resumes in the run folder named
+after its job id with the same losses; as an array task it names its folder and W&B run after the array job and task.
+
+Without Slurm or root these tests skip, except under CI=true, where that is a failure (the only multi-node coverage).
 """
 
 from __future__ import annotations
@@ -28,9 +31,15 @@ STEPS = 60
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
 @pytest.fixture(scope="session")
 def slurm():
     reason = missing()
+    if reason and _in_ci():
+        pytest.fail(f"CI is set, so the Slurm tests must run, but {reason}", pytrace=False)
     if reason:
         pytest.skip(reason)
     cluster = LocalSlurm(nodes=2).start()
@@ -56,8 +65,13 @@ def _wait_end(slurm: LocalSlurm, job: str, timeout: float = 300) -> dict[str, st
     return slurm.wait_job(job, lambda j: j["JobState"] in ENDED, timeout, "its end")
 
 
+def _log_path(run: Path, job: str) -> Path:
+    """Where `shardtune launch --slurm` puts the job's log: beside the run folder."""
+    return run.parent / f"{run.name}.slurm-{job}.out"
+
+
 def _log(run: Path, job: str) -> str:
-    return (run.parent / f"{run.name}.slurm-{job}.out").read_text()
+    return _log_path(run, job).read_text()
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -93,26 +107,32 @@ def test_two_node_job_trains_to_the_end(full_run):
     assert run_id == f"slurm-shardtune-test-{job}" and [h["_step"] for h in history if "train/loss" in h] == list(range(1, STEPS + 1))
 
 
-def _wait_for_step(slurm: LocalSlurm, run: Path, job: str, step: int, timeout: float = 300) -> None:
+def _wait_for_step(slurm: LocalSlurm, run: Path, job: str, step: int, log: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run / "log.jsonl").is_file() and any(s >= step for s, _ in _losses(run)):
             return
         state = slurm.job(job)["JobState"]
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before step {step}: {_log(run, job)[-3000:]}"
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job} is {state} before step {step}: {log.read_text()[-3000:]}"
         time.sleep(0.05)
     raise AssertionError(f"job {job} did not reach step {step} within {timeout:.0f}s")
+
+
+def _preempt_and_requeue(slurm: LocalSlurm, run: Path, job: str, log: Path) -> dict[str, str]:
+    """USR1 to the batch shell after step 5 (what --signal=B:USR1@120 does before the time limit); once the job is
+    requeued, release it from Slurm's hold and wait for its end."""
+    _wait_for_step(slurm, run, job, 5, log)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    pending = slurm.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120, "requeued")
+    assert pending["Reason"] == "BeginTime"  # Slurm holds a requeued job for ~2 minutes; release it now
+    slurm.release(job)
+    return _wait_end(slurm, job)
 
 
 def test_usr1_saves_requeues_and_resumes_exactly_into_the_same_wandb_run(slurm, tiny_bert, tmp_path, full_run):
     run = tmp_path / "preempted"
     job = _submit(slurm, tiny_bert, run)
-    _wait_for_step(slurm, run, job, 5)
-    slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the time limit
-    pending = slurm.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120, "requeued")
-    assert pending["Reason"] == "BeginTime"  # Slurm holds a requeued job for ~2 minutes; release it now
-    slurm.release(job)
-    info = _wait_end(slurm, job)
+    info = _preempt_and_requeue(slurm, run, job, _log_path(run, job))
     log = _log(run, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-3000:]
 
@@ -135,19 +155,42 @@ def test_usr1_saves_requeues_and_resumes_exactly_into_the_same_wandb_run(slurm, 
     assert logged == _losses(full)  # JSON floats round-trip exactly
 
 
-def test_train_sbatch_as_an_array_task_names_its_wandb_run_after_the_task(slurm, tiny_bert, tmp_path):
-    """slurm/train.sbatch used as is: `sbatch ... slurm/train.sbatch CONFIG KEY=VALUE ...`, `shardtune` on PATH."""
-    run = tmp_path / "array"
+def _sbatch_train(slurm: LocalSlurm, tiny_bert: Path, cwd: Path, *options: str, steps: int = STEPS, log: str = "job-%j.out") -> str:
+    """slurm/train.sbatch used as its header says: `sbatch [OPTIONS] slurm/train.sbatch CONFIG KEY=VALUE ...` with
+    `shardtune` on PATH and no output.dir (the run folder comes from the job id); returns the job id."""
     env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = ["sbatch", "--parsable", "--array=3", "--gpus-per-node=0", f"--output={tmp_path}/array-%A_%a.out",
-           str(ROOT / "slurm/train.sbatch"), str(QS), *_overrides(tiny_bert, run, **{"train.max_steps": 4})]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    overrides = [o for o in _overrides(tiny_bert, cwd / "unused", **{"train.max_steps": steps}) if not o.startswith("output.dir=")]
+    cmd = ["sbatch", "--parsable", *options, "--gpus-per-node=0", f"--output={cwd}/{log}", str(ROOT / "slurm/train.sbatch"), str(QS), *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    array_job = proc.stdout.strip().split(";")[0]
+    return proc.stdout.strip().split(";")[0]
+
+
+def test_train_sbatch_without_output_dir_resumes_in_its_job_folder_after_a_requeue(slurm, tiny_bert, tmp_path, full_run):
+    job = _sbatch_train(slurm, tiny_bert, tmp_path)
+    run, log = tmp_path / "runs" / f"quickstart-slurm-shardtune-test-{job}", tmp_path / f"job-{job}.out"
+    info = _preempt_and_requeue(slurm, run, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-3000:]
+    stopped = int(re.search(rf"preempted \(signal {int(signal.SIGUSR1)}\) at step (\d+): checkpoint saved", text).group(1))
+    assert 5 <= stopped < STEPS and "(restart 1)" in text and "2 process(es)" in text
+    assert f"-> runs/{run.name}, resumed from step-{stopped:08d} at step {stopped}" in text
+    assert sorted((tmp_path / "runs").iterdir()) == [run] and (run / "model" / "model.safetensors").is_file()
+    # every step once, the uninterrupted 2-rank job's losses exactly (2 ranks on one node here, one per node there)
+    full, _, _ = full_run
+    assert _losses(run) == _losses(full)
+    (id1, first), (id2, second) = _wandb_runs(run)
+    assert id1 == id2 == f"slurm-shardtune-test-{job}" and max(h["_step"] for h in first) == stopped
+
+
+def test_train_sbatch_as_an_array_task_names_its_folder_and_wandb_run_after_the_task(slurm, tiny_bert, tmp_path):
+    array_job = _sbatch_train(slurm, tiny_bert, tmp_path, "--array=3", steps=4, log="array-%A_%a.out")
     info = _wait_end(slurm, f"{array_job}_3")
     log = (tmp_path / f"array-{array_job}_3.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert info["NumNodes"] == "1" and "2 process(es)" in log  # one node, shardtune launch's default of 2 CPU ranks
+    run, = (tmp_path / "runs").iterdir()
+    assert run.name == f"quickstart-slurm-shardtune-test-{array_job}_3"
     (run_id, history), = _wandb_runs(run)
     assert run_id == f"slurm-shardtune-test-{array_job}_3"
     assert [h["_step"] for h in history if "train/loss" in h] == [1, 2, 3, 4]
@@ -161,3 +204,13 @@ def test_a_refused_submission_is_one_sentence(slurm, tmp_path):
     proc = subprocess.run(cmd, env=slurm.env, capture_output=True, text=True, timeout=120)
     line = one_sentence(proc.returncode, proc.stderr, "sbatch refused", "(Batch job submission failed: Invalid partition name specified)", "--partition")
     assert f"{tmp_path}/run.sbatch" in line and slurm.run("squeue", "-h").stdout.strip() == ""
+
+
+def test_under_ci_a_machine_without_slurm_fails_these_tests_instead_of_skipping():
+    """One of the tests above, run where no Slurm binary is on PATH: skipped normally, an error under CI=true."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {"PATH": str(Path(sys.executable).parent)}  # the venv: no Slurm
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_a_refused_submission_is_one_sentence"]
+    plain = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    ci = subprocess.run(cmd, env={**env, "CI": "true"}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout[-2000:]
+    assert ci.returncode == 1 and "1 error" in ci.stdout and "CI is set, so the Slurm tests must run, but no local Slurm" in ci.stdout, ci.stdout[-2000:]

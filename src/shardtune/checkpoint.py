@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -40,16 +40,38 @@ def has_checkpoints(run_dir: Path) -> bool:
     return any((run_dir / CKPT_DIR).glob("step-*"))
 
 
+def slurm_job(env: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
+    """Inside a Slurm job: its name for run folders and W&B, `slurm-<cluster>-<job id>` (an array task:
+    `<array job id>_<task id>`, the same as WANDB_RUN_ID in slurm/*.sbatch), and how often it was requeued
+    (a requeued job keeps its id, so it finds its folder again). None outside Slurm."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return f"slurm-{env.get('SLURM_CLUSTER_NAME') or 'cluster'}-{job}", int(env.get("SLURM_RESTART_COUNT") or 0)
+
+
 def choose_run_dir(cfg: Config, config_name: str) -> Path:
-    """The run folder: output.dir, else runs/<config name>-<timestamp>. Refuses to clobber a used folder."""
+    """The run folder: output.dir; else, inside a Slurm job, runs/<config name>-slurm-<cluster>-<job id>, so that every
+    requeue of the job resumes there; else runs/<config name>-<timestamp>. Refuses to clobber a used folder."""
+    job = None if cfg.output.dir else slurm_job()
     if cfg.output.dir:
         path = Path(cfg.output.dir).expanduser()
+    elif job:
+        path = Path("runs") / f"{config_name}-{job[0]}"
     else:
         path = Path("runs") / f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resuming = cfg.train.resume != "never" and has_checkpoints(path)
-    if path.exists() and any(path.iterdir()) and not (cfg.output.overwrite or resuming):
-        raise ShardtuneError(f"run folder {path} is not empty; choose another output.dir or set output.overwrite=true.")
-    return path
+    if not (path.exists() and any(path.iterdir())) or cfg.output.overwrite:
+        return path
+    if job and not job[1]:
+        raise ShardtuneError(
+            f"run folder {path} is named after Slurm job {job[0]}, which has not been requeued, but already holds a run "
+            "(a second run in one allocation, or job ids reused); set output.dir for this run (or output.overwrite=true)."
+        )
+    if job or (cfg.train.resume != "never" and has_checkpoints(path)):
+        return path  # resume there (a requeued job that saved no checkpoint yet starts over in its own folder)
+    raise ShardtuneError(f"run folder {path} is not empty; choose another output.dir or set output.overwrite=true.")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -302,10 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     if late:
         args.overrides = list(args.overrides) + late
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = shlex.join(["shardtune", *argv] + (["--", *extra] if extra else []))  # for the line that says how to resume
     _quiet_libraries()
     try:
         if args.command == "launch":
+            os.environ["SHARDTUNE_LAUNCH_COMMAND"] = command  # the ranks' way to say how to resume the launch
             return cmd_launch(args, extra)
+        if args.command == "train":
+            from shardtune import trainer
+
+            trainer.COMMAND = os.environ.get("SHARDTUNE_LAUNCH_COMMAND") or command
         if extra:
             raise ShardtuneError(f"arguments after `--` are only for `shardtune launch`: {' '.join(extra)}")
         code = COMMANDS[args.command](args)

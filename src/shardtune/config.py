@@ -180,7 +180,9 @@ class TrainConfig(_Section):
     z_loss: float = Field(0.0, ge=0, description="LM only: add z_loss * mean(logsumexp(logits)^2) over labelled tokens (PaLM uses 1e-4).")
     eval_prompts: list[str] = Field([], description="LM only: prompts completed greedily at each eval, logged as a W&B table.")
     eval_on_start: bool = Field(False, description="Also evaluate the starting model (logged at step 0; not a best-model candidate).")
-    metric_for_best: str = Field("eval/accuracy", description="Metric for best-model selection and early stopping.")
+    metric_for_best: Optional[str] = Field(
+        None, description="Metric for best-model selection and early stopping; None = the task's (eval/accuracy, LM tasks eval/loss)."
+    )
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches per process (streams); None = the whole eval set.")
@@ -215,6 +217,17 @@ class TrackingConfig(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online with an API key, offline otherwise (WANDB_MODE wins when set)."
     )
+    init_timeout_s: float = Field(
+        30, gt=0, description="Seconds an online W&B run may take to reach the server; past them the run logs offline (wandb sync it later)."
+    )
+    log_model: Literal["best", "final", "none"] = Field(
+        "none", description="At the end, log the best or the final exported model as a W&B artifact of type model; none = no artifact."
+    )
+
+    @field_validator("log_model", mode="before")
+    @classmethod
+    def _none_is_the_word(cls, v: Any) -> Any:
+        return "none" if v is None else v  # `tracking.log_model=none` on the command line arrives as None
 
 
 STRATEGIES = ("cpu", "single_gpu", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp")
@@ -265,6 +278,13 @@ class Config(_Section):
                 raise ValueError(f"data.sft applies to task sft only, but task is {self.task}; remove data.sft or set task: sft")
         if self.model.name_or_path is None and self.model.init == "pretrained":
             self.model.name_or_path = DEFAULT_MODELS[self.task]
+        allowed = TASK_SPECS[self.task].metrics
+        if self.train.metric_for_best is None:
+            self.train.metric_for_best = TASK_SPECS[self.task].best
+        elif self.train.metric_for_best not in allowed:
+            raise ValueError(
+                f"train.metric_for_best {self.train.metric_for_best!r} is not logged for task {self.task}; use one of {', '.join(allowed)}"
+            )
         if self.task not in LM_TASKS and (self.train.z_loss or self.train.eval_prompts):
             raise ValueError("train.z_loss and train.eval_prompts apply to language-model tasks (causal_lm, sft), not classification")
         if self.model.init == "scratch" and not (self.model.preset or self.model.name_or_path):
@@ -307,8 +327,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax there.") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML.") from None
-    if data is None:
-        return {}
+    if data is None or data == {}:
+        raise ConfigError(f"config file {path} holds no settings; start from configs/quickstart.yaml (a copy of it, or it with KEY=VALUE overrides).")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a {type(data).__name__}.")
     return data

@@ -7,6 +7,9 @@ Off unless `SHARDTUNE_FAILPOINTS` is set. It holds `;`-separated entries
     kill@save=9           SIGKILL rank 0 inside the write of checkpoint 9 (shards written, not yet sealed)
     stall@step=4,rank=1   rank 1 sleeps forever after step 4 (the others block in the next collective)
     nan@step=5,rank=1     rank 1's loss of step 5 becomes NaN (every micro-batch of that step)
+    usr1@step=3           rank 0 sends itself SIGUSR1 right after step 3 (term@...: SIGTERM); also @eval=N (during the
+                          eval at step N), @save=N (inside the write of checkpoint N), @load=0 (while the model loads),
+                          @export=0 (during the final export)
 
 The environment is read at each call, so a process forked before it was set still sees it.
 """
@@ -44,6 +47,10 @@ def hit(where: str, rank: int, step: int) -> None:
     if _armed("kill", where, rank, step):
         print(f"failpoint: SIGKILL rank {rank} at {where} {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    for action, sig in (("usr1", signal.SIGUSR1), ("term", signal.SIGTERM)):
+        if _armed(action, where, rank, step):
+            print(f"failpoint: rank {rank} sends itself {sig.name} at {where} {step}", flush=True)
+            os.kill(os.getpid(), sig)
     if _armed("stall", where, rank, step):
         print(f"failpoint: rank {rank} stalls at {where} {step}", flush=True)
         while True:

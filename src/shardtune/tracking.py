@@ -1,18 +1,22 @@
 """Reporting to Weights & Biases and TensorBoard (main process only).
 
-W&B goes offline on its own when there is no API key, and says once how to
-upload the run later. Anything in the config that looks like a secret is
-redacted before it leaves the process.
+W&B goes offline on its own when there is no API key, and when the server
+cannot be reached within `tracking.init_timeout_s` (wandb's own init_timeout
+bounds the attempt); either way it says once how to upload the run later, and
+the offline run keeps every metric. Anything in the config that looks like a
+secret is redacted before it leaves the process.
 """
 
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from shardtune.config import TrackingConfig
 
@@ -34,12 +38,13 @@ def redact(value: Any, key: str = "") -> Any:
 
 
 def has_wandb_key() -> bool:
+    """WANDB_API_KEY, or a `wandb login` entry in the netrc file (NETRC, else ~/.netrc) for the server's host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
         return False
 
 
@@ -63,12 +68,13 @@ class Tracker:
         self.run = None
         self.tb = None
         self.jsonl = None
+        self.fell_back = False  # online W&B was unreachable and the run logs offline (said once, with the sync line)
         if not is_main:
             return
         # Every logged row, whatever the backends: for scripts, tests and `tail -f`.
         self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
         if "wandb" in cfg.report_to:
-            self.run = _init_wandb(cfg, run_dir, {**redact(config), **(meta or {})}, default_name, run_id)
+            self.run, self.fell_back = _init_wandb(cfg, run_dir, {**redact(config), **(meta or {})}, default_name, run_id)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -116,13 +122,28 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         self._wandb(lambda run: run.summary.update(values))
 
+    def log_model(self, folder: Path, name: str, aliases: list[str]) -> None:
+        """Log an exported model folder as a W&B artifact of type "model" (e.g. aliases ["best"]). An offline run keeps
+        it for `wandb sync`: the files are added in place (policy immutable), so the run folder must keep them."""
+        if self.run is None:
+            return
+        import wandb
+
+        def call(run) -> None:
+            artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", name), type="model", metadata={"source": str(folder)})
+            artifact.add_dir(str(folder), policy="immutable")
+            run.log_artifact(artifact, aliases=list(aliases))
+
+        self._wandb(call)
+
     def finish(self) -> None:
         if self.run is not None:
             offline = self.run.settings.mode == "offline" or getattr(self.run.settings, "_offline", False)
             path = Path(self.run.dir).parent
             self._wandb(lambda run: run.finish())
-            if offline and self.run is not None:
-                print(f"W&B: no API key, so this run was logged offline; upload it with: wandb sync {path}", flush=True)
+            if offline and self.run is not None and not self.fell_back:  # a fallback said it when it happened
+                why = "no API key, so this run was logged offline" if not has_wandb_key() else "this run was logged offline (WANDB_MODE or tracking.mode)"
+                print(f"W&B: {why}; upload it with: wandb sync {path}", flush=True)
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:
@@ -130,13 +151,14 @@ class Tracker:
 
 
 def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str, run_id: str | None):
+    """(the W&B run or None, whether it fell back to offline because the server could not be reached)."""
     import wandb
 
     mode = wandb_mode(cfg)
     if mode == "disabled":
-        return None
+        return None, False
     tags = list(cfg.tags) + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
-    return wandb.init(
+    args = dict(
         project=cfg.project or os.environ.get("WANDB_PROJECT") or "shardtune",
         entity=cfg.entity or os.environ.get("WANDB_ENTITY"),
         name=cfg.run_name or os.environ.get("WANDB_NAME") or default_name,
@@ -144,8 +166,24 @@ def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: 
         tags=tags or None,
         config=config,
         dir=str(run_dir),
-        mode=mode,
         id=run_id or os.environ.get("WANDB_RUN_ID"),
         resume="allow",  # a resumed run continues the same W&B run
-        settings=wandb.Settings(silent=True, console="off"),
+        # init_timeout bounds the online attempt (wandb's default is 90 s); the service then answers with a CommError
+        settings=wandb.Settings(silent=True, console="off", init_timeout=cfg.init_timeout_s),
     )
+    try:
+        return wandb.init(mode=mode, **args), False
+    except wandb.errors.CommError as exc:  # unreachable, timed out, or refused by the server
+        if mode in ("offline", "dryrun"):
+            raise
+        why = str(exc).split("\nConsider increasing", 1)[0]  # the hint names wandb's setting; ours is in the message
+        reason = f"{type(exc).__name__}: {' '.join(why.split())}"
+    wandb.teardown()  # the failed attempt still holds the run id in W&B's service
+    run = wandb.init(mode="offline", **args)
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    print(
+        f"W&B: {url} could not be used within tracking.init_timeout_s={cfg.init_timeout_s:g} s ({reason}), so this run "
+        f"logs to W&B offline and keeps every metric; upload it later with: wandb sync {Path(run.dir).parent}",
+        flush=True,
+    )
+    return run, True

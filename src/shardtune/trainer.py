@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from shardtune import ShardtuneError, failpoints
 from shardtune.checkpoint import METRICS_FILE, MODEL_DIR, choose_run_dir, export_model, find_checkpoint, save_checkpoint, save_config, step_dir, write_json
-from shardtune.config import TASK_SPECS, Config
+from shardtune.config import Config
 from shardtune.distributed import build_strategy
 from shardtune.guard import StepChecks, Verdict
 from shardtune.models import is_peft, load_tokenizer, read_exported_state
@@ -32,14 +32,22 @@ from shardtune.tracking import Tracker, redact
 
 
 def train(cfg: Config, config_name: str = "run") -> dict[str, float]:
-    allowed = TASK_SPECS[cfg.task].metrics
-    if cfg.train.metric_for_best not in allowed:
-        raise ShardtuneError(f"train.metric_for_best {cfg.train.metric_for_best!r} is not logged for {cfg.task}; use one of {', '.join(allowed)}.")
     preemption = Preemption(cfg.dist.term_grace_seconds)  # from the start: a signal during model loading counts too
     try:
         return Trainer(cfg, config_name, preemption).train()
     finally:
         preemption.restore()
+
+
+COMMAND = "shardtune train CONFIG"  # what was run: cli.main sets it (shardtune launch ... for launched ranks)
+
+
+def resume_command(cfg: Config, run_dir: Path) -> str:
+    """The command that resumes this run: what was run, with the run folder pinned when it was a default one (a
+    timestamped name would be new the next time)."""
+    import shlex
+
+    return COMMAND if cfg.output.dir else f"{COMMAND} {shlex.quote(f'output.dir={run_dir}')}"
 
 
 class Trainer:
@@ -222,9 +230,17 @@ class Trainer:
         # last: Slurm ends a requeued job at once (SIGTERM to all its processes), so W&B must be closed before
         requeued = requeue() if self.strategy.is_main else None
         if self.strategy.is_main:
-            print(f"requeued job {requeued}" if requeued else "rerun the same command to resume", flush=True)
+            print(f"requeued job {requeued}" if requeued else f"to resume, run: {resume_command(self.cfg, self.run_dir)}", flush=True)
         self.preemption.restore()
         return {"train/steps": self.run.step, "preempted": True}
+
+    def log_model(self, best_dir: Path, final_dir: Path) -> None:
+        """tracking.log_model: the best (RUN/model) or the final model as a W&B artifact."""
+        which, run = self.cfg.tracking.log_model, self.run
+        if which == "none":
+            return
+        folder, aliases = (best_dir, ["best", f"step-{run.best_step or run.step}"]) if which == "best" else (final_dir, ["final", f"step-{run.step}"])
+        self.tracker.log_model(folder, f"{self.run_dir.name}-model", aliases)
 
     def finish(self, last_eval: int, started: float) -> dict:
         """Final eval, the best (or last) model exported to RUN/model, test metrics, metrics.json and the W&B summary."""
@@ -233,6 +249,10 @@ class Trainer:
         bytes_per_rank = s.state_bytes()  # training's peak, before final eval and export
         if task.has_split("eval") and last_eval != run.step:
             self.eval_and_select()
+        final_dir = model_dir
+        if self.cfg.tracking.log_model == "final" and run.best_value is not None and run.best_step != run.step:
+            final_dir = self.run_dir / "model-final"  # the final weights, before the best model replaces them
+            export_model(s, task.tokenizer, task.labels, final_dir)
         if run.best_value is None:  # no eval: the final weights are the model
             export_model(s, task.tokenizer, task.labels, model_dir)
         elif run.best_step != run.step:
@@ -249,6 +269,7 @@ class Trainer:
         if task.has_split("test"):
             result.update(task.evaluate(s.model, "test"))
         self.progress.close()
+        self.log_model(model_dir, final_dir)
         if s.is_main:
             write_json(self.run_dir / METRICS_FILE, result)
             self.tracker.summary(result)
