@@ -31,7 +31,7 @@ def doc(i: int) -> str:
 
 def write_config(tmp_path: Path, sources: list[dict], **data) -> Path:
     raw = {"task": "causal_lm", "model": {"name_or_path": "minilm-l6"},
-           "data": {"sources": sources, "seq_len": 32, "clean": {"dedup": True}, **data}}
+           "data": {"sources": sources, "seq_len": 32, "clean": {"dedup": True}, "partition_bytes": 1 << 16, **data}}
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -84,7 +84,7 @@ def preprocess(cfg: Config, *, show: int = 3, write: Optional[Path] = None, spli
                max_rows: Optional[int] = None, shard_rows: int = SHARD_ROWS,
                echo: Callable[[str], None] = print) -> Pass:
     """Stream `split` once: echo the first `show` rows decoded, then the stats; with `write`, cache every row."""
-    from shardtune.data.readers import check_source
+    from shardtune.data.partitions import source_files
     from shardtune.data.stream import StreamLoader
 
     scfg = stream_config(cfg)
@@ -94,8 +94,7 @@ def preprocess(cfg: Config, *, show: int = 3, write: Optional[Path] = None, spli
         raise ShardtuneError("nothing to do: pass --show N to see rows and/or --write DIR to cache them.")
     if write is not None and write.exists() and (not write.is_dir() or any(write.iterdir())):
         raise ShardtuneError(f"--write {write} already exists and is not an empty folder; remove it or choose another folder.")
-    for spec in scfg.sources + scfg.validation_sources:  # fail on a bad source before loading a tokenizer
-        check_source(spec, scfg.max_record_bytes)
+    source_files(scfg.sources + scfg.validation_sources, scfg.sft is not None)  # fail on a bad source before loading a tokenizer
     tokenizer = load_tokenizer(cfg)
     limit = max_rows if max_rows is not None else (None if write is not None else max(show, STATS_ROWS))
     # one row per batch when cutting at a row count, so the saved stream state is exactly after the last row
@@ -204,7 +203,7 @@ def format_stats(result: Pass, seq_len: int) -> str:
 def _manifest(cfg: Config, scfg: StreamConfig, loader, tokenizer, split: str, result: Pass) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "fingerprint": loader.fingerprint,
+        "fingerprint": _fingerprint(loader.settings),
         "split": split,
         "packing": {k: getattr(scfg, k) for k in PACKING_KEYS} | {"eos_id": loader.opt.eos_id, "pad_id": loader.opt.pad_id},
         "tokenizer": {"name_or_path": cfg.model.name_or_path, "vocab_size": len(tokenizer)},
@@ -214,6 +213,12 @@ def _manifest(cfg: Config, scfg: StreamConfig, loader, tokenizer, split: str, re
         "stats": result.stats,
         "stream_state": loader.state_dict(),  # where a run continues streaming after the cached rows
     }
+
+
+def _fingerprint(settings: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ShardWriter:
@@ -310,7 +315,8 @@ class PackedCache:
 
 def load_cached(root: str | Path, cfg: Optional[StreamConfig] = None, tokenizer=None, split: str = "train") -> PackedCache:
     """Open a cache written by `shardtune preprocess --write`; with cfg and tokenizer, check it fits that run."""
-    from shardtune.data.stream import _special_ids, fingerprint
+    from shardtune.data.plan import stream_settings
+    from shardtune.data.stream import special_ids
 
     root = Path(root)
     try:
@@ -323,9 +329,9 @@ def load_cached(root: str | Path, cfg: Optional[StreamConfig] = None, tokenizer=
     if missing:
         raise ShardtuneError(f"the cache {root} is missing shard {missing[0]}; rewrite it with `shardtune preprocess --write`.")
     if cfg is not None and tokenizer is not None:
-        eos, pad = _special_ids(cfg, tokenizer)
+        eos, pad = special_ids(cfg, tokenizer)
         want = {k: getattr(cfg, k) for k in PACKING_KEYS} | {"eos_id": eos, "pad_id": pad}
-        if manifest["fingerprint"] != fingerprint(cfg, split, tokenizer) or manifest["packing"] != want or manifest["split"] != split:
+        if manifest["fingerprint"] != _fingerprint(stream_settings(cfg, split, tokenizer)) or manifest["packing"] != want or manifest["split"] != split:
             raise ShardtuneError(
                 f"the cache {root} was written with other data settings (sources, seed, clean, seq_len, packing or tokenizer) "
                 f"than this run's {split} data; rewrite it with `shardtune preprocess CONFIG --write DIR` or drop the cache."
