@@ -235,11 +235,11 @@ def test_sources_that_fail_at_once(tmp_path, tok):
 def test_hub_source_streams_through_datasets_and_resumes(tmp_path, tok, monkeypatch):
     import datasets
 
-    from shardtune.data import readers
+    from shardtune.data import hub
 
     (tmp_path / "h.jsonl").write_bytes(b"".join(jsonl_lines(CLEAN)))
     local = lambda spec: datasets.load_dataset("json", data_files=str(tmp_path / "h.jsonl"), split="train", streaming=True)  # noqa: E731
-    monkeypatch.setattr(readers, "open_hub", local)  # the hub is offline here: same code path, local rows
+    monkeypatch.setattr(hub, "open_hub", local)  # the hub is offline here: same code path, local rows
     (tmp_path / "o.txt").write_text("".join(text("o", i) + "\n" for i in range(20)))
     cfg = StreamConfig(sources=[{"path": "hub:someone/data"}, {"path": str(tmp_path / "o.txt")}], seq_len=16, emit_doc_ids=True, on_source_end="drop")
     (full,) = take(loaders(cfg, tok, 1, 2), [None])

@@ -37,8 +37,9 @@ from typing import Optional
 
 from shardtune import ShardtuneError
 from shardtune.config import SourceSpec
-from shardtune.data import readers
-from shardtune.data.readers import BAD, BOM, HUB, OK, read_part
+from shardtune.data import hub
+from shardtune.data.hub import HUB
+from shardtune.data.readers import BAD, BOM, OK, read_part
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt"}
 SPLITTABLE = ("jsonl", "txt", "csv", "tsv")
@@ -159,7 +160,7 @@ def partition_table(specs: list[SourceSpec], files: list[list[tuple[str, str]]],
     rows: list[tuple[int, tuple]] = []
     for i, (spec, fs) in enumerate(zip(specs, files)):
         if spec.path.startswith(HUB):
-            n = max(1, int(getattr(readers.open_hub(spec.path), "n_shards", 1) or 1))
+            n = max(1, int(getattr(hub.open_hub(spec.path), "n_shards", 1) or 1))
             rows += [(i, ("hub", spec.path, k, n, HUB_SHARD_WEIGHT)) for k in range(n)]
         for path, fmt in fs:
             rows += [(i, row) for row in _file_parts(path, fmt, spec, part_bytes)]
@@ -176,7 +177,7 @@ def table_hash(parts: list[Part]) -> str:
 def check_source(spec: SourceSpec, parts: list[Part], limit: int, field: Optional[str]) -> None:
     """Fail at once on a source that cannot work: a text_field that its first records do not have."""
     if spec.path.startswith(HUB):
-        features = getattr(readers.open_hub(spec.path), "features", None)
+        features = getattr(hub.open_hub(spec.path), "features", None)
         if features and field is not None and field not in features:
             raise ShardtuneError(f"hub data set {spec.path} has no column {field!r} (it has: {', '.join(features)}); set the source's text_field.")
         return

@@ -5,7 +5,7 @@ Every task reads through here: the stream (docstream.py), classification and
 are parsed here, not through `datasets`, because a partition must start at a
 byte offset or row group and resume at an exact position (a `datasets`
 IterableDataset over a local file gives neither cheaply). Hub data sets
-stream through `datasets` (their position is a row count in a shard).
+stream through `datasets` (hub.py; their position is a row count in a shard).
 
 A partition (partitions.Part) is read from `cur["pos"]`, which the reader keeps
 exact after every event:
@@ -41,7 +41,6 @@ such a record stops the run with one sentence naming `split: false`.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 from typing import Any, Iterator, Optional
 
@@ -49,7 +48,6 @@ from shardtune import ShardtuneError
 
 OK, BAD, SKIP = "ok", "bad", "skip"
 BOM = b"\xef\xbb\xbf"
-HUB = "hub:"
 Event = tuple
 
 
@@ -287,7 +285,7 @@ def read_csv(part, cur: dict, limit: int, columns: Optional[list[str]], delimite
                 yield (OK, {c: row[i] for c, i in keep}, where)
 
 
-# ---------------------------------------------------------------- whole files, row groups, hub shards
+# ---------------------------------------------------------------- whole files, row groups
 
 
 def read_txt_file(part, cur: dict, limit: int) -> Iterator[Event]:
@@ -342,41 +340,6 @@ def read_parquet(part, cur: dict, columns: Optional[list[str]]) -> Iterator[Even
             yield bad("not_text", where, f": {nulls[0]!r} is null; fix or remove that row") if nulls else (OK, values, where)
 
 
-def parse_hub(spec: str) -> tuple[str, Optional[str], str]:
-    ref, _, split = spec[len(HUB):].partition("@")
-    name, _, config = ref.partition(":")
-    return name, config or None, split or "train"
-
-
-def open_hub(spec: str):
-    import datasets
-
-    name, config, split = parse_hub(spec)
-    try:
-        return datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as exc:  # offline, unknown name or split: one message for the user
-        raise ShardtuneError(
-            f"could not open hub data set {spec} for streaming ({type(exc).__name__}); without hub access use local files (jsonl, csv, parquet, txt)."
-        ) from None
-
-
-def hub_rows(spec: str, shard: int = 0, num_shards: int = 1) -> Iterator[dict]:
-    ds = open_hub(spec)
-    if num_shards > 1:
-        ds = ds.shard(num_shards=num_shards, index=shard)
-    # ds.iter(), not iter(ds): inside a DataLoader worker iter(ds) keeps only that worker's shards.
-    for batch in ds.iter(batch_size=256):
-        for i in range(len(next(iter(batch.values()), ()))):
-            yield {k: v[i] for k, v in batch.items()}
-
-
-def read_hub(part, cur: dict) -> Iterator[Event]:
-    """A shard of a hub data set; resuming re-streams (and skips) the shard's rows before pos."""
-    for row in itertools.islice(hub_rows(part.path, part.start, part.end), cur["pos"], None):
-        cur["pos"] += 1
-        yield (OK, row, Where(part.path, cur["pos"], "row"))
-
-
 # ---------------------------------------------------------------- dispatch
 
 
@@ -404,5 +367,7 @@ def read_part(part, cur: dict, limit: int, columns: Optional[list[str]] = None) 
     if fmt == "parquet":
         return read_parquet(part, cur, columns)
     if fmt == "hub":
+        from shardtune.data.hub import read_hub
+
         return read_hub(part, cur)
     raise AssertionError(f"no reader for partition format {fmt}")
