@@ -257,3 +257,17 @@ def test_bom_and_crlf_files_stream_like_clean_ones(tmp_path, tok):
         (tmp_path / f"clean{name[1:]}").write_text(body.replace("\r\n", "\n"))
         steps, _ = run_all([{"path": str(tmp_path / name)}], tok, on_bad_record="error")
         assert same(flat(steps), flat(run_all([{"path": str(tmp_path / f"clean{name[1:]}")}], tok)[0])), name
+
+
+def test_stream_workers_survive_stop_signals(tmp_path, tok):
+    """Slurm signals every process of a step; the stream's DataLoader workers leave that to their rank."""
+    from test_classification_data import signal_from_elsewhere
+
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps({"text": text("w", i)}) + "\n" for i in range(400)))
+    cfg = StreamConfig(sources=[{"path": str(tmp_path / "w.jsonl")}], seq_len=16, emit_doc_ids=True)
+    (ld,) = loaders(cfg, tok, 1, 2)
+    got = [ld.next()]
+    signal_from_elsewhere([w.pid for w in ld._it._workers])
+    while ld.peek() is not None:  # the same DataLoader iterator (iter(ld) would start new workers)
+        got.append(ld.next())
+    assert len(doc_tokens(got)) == 400

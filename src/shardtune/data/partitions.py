@@ -121,7 +121,7 @@ def _json_kind(path: str) -> str:
         return "json"
 
 
-def _file_parts(path: str, fmt: str, spec: SourceSpec, part_bytes: int) -> list[tuple[str, str, int, int, int]]:
+def file_parts(path: str, fmt: str, spec: SourceSpec, part_bytes: int) -> list[tuple[str, str, int, int, int]]:
     """(fmt, path, start, end, size) for each partition of one file."""
     size = os.path.getsize(path)
     if size == 0:
@@ -163,7 +163,7 @@ def partition_table(specs: list[SourceSpec], files: list[list[tuple[str, str]]],
             n = max(1, int(getattr(hub.open_hub(spec.path), "n_shards", 1) or 1))
             rows += [(i, ("hub", spec.path, k, n, HUB_SHARD_WEIGHT)) for k in range(n)]
         for path, fmt in fs:
-            rows += [(i, row) for row in _file_parts(path, fmt, spec, part_bytes)]
+            rows += [(i, row) for row in file_parts(path, fmt, spec, part_bytes)]
     return [Part(pid, src, *row) for pid, (src, row) in enumerate(rows)], part_bytes
 
 
