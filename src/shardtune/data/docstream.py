@@ -108,6 +108,20 @@ def doc_key(pid: int, rec: int, epoch: int, num_parts: int) -> int:
 # ---------------------------------------------------------------- one partition
 
 
+def raw_records(plan, part, cur: dict) -> Iterator[tuple[str, Any]]:
+    """("doc", text) per record of a partition of the sources, ("count", counts) for what is not a document."""
+    fld = plan.fields[part.source]
+    for event in read_part(part, cur, plan.limit, None if fld is None else [fld]):
+        if event[0] == OK:
+            event = field_text(event[1], fld, event[2])
+            if event[0] == OK:
+                yield ("doc", event[1])
+                continue
+        if event[0] == BAD and plan.on_bad == "error":
+            raise ShardtuneError(f"{sentence(event)} (or set on_bad_record: skip to drop and count such records).")
+        yield ("count", {f"data/{'dropped' if event[0] == BAD else 'skipped'}/{event[1]}": 1})
+
+
 class PartDocs:
     """The documents of one partition from a PState: next(counts) -> (rec, pieces, tokens, counts), before, after."""
 
@@ -128,7 +142,6 @@ class PartDocs:
         self.tail: Counts = {}
 
     def _records(self) -> Iterator[tuple[str, Any]]:
-        """("doc", text or pretokenized) per record, ("count", counts) for what is not a document."""
         plan, part = self.plan, self.part
         if part.fmt == "held":
             if self.cur["pos"] == 0:
@@ -140,16 +153,7 @@ class PartDocs:
 
             yield from cached_records(plan.cache, part, self.cur)
             return
-        fld = plan.fields[part.source]
-        for event in read_part(part, self.cur, plan.limit, None if fld is None else [fld]):
-            if event[0] == OK:
-                event = field_text(event[1], fld, event[2])
-                if event[0] == OK:
-                    yield ("doc", event[1])
-                    continue
-            if event[0] == BAD and plan.on_bad == "error":
-                raise ShardtuneError(f"{sentence(event)} (or set on_bad_record: skip to drop and count such records).")
-            yield ("count", {f"data/{'dropped' if event[0] == BAD else 'skipped'}/{event[1]}": 1})
+        yield from raw_records(plan, part, self.cur)
 
     def _fast_forward(self, upto: int) -> None:
         """Dedup: rebuild the hash set from the records before `upto` (already consumed)."""

@@ -79,25 +79,26 @@ def pretokenized(doc: Doc) -> TokDoc:
     return finish(TokDoc(doc, ids, starts, labels))
 
 
-def tokenize_documents(docs: Iterator[Doc], tokenizer, eos_id: int, batch_docs: int) -> Iterator[TokDoc]:
-    """Documents with their tokens, tokenizing up to `batch_docs` documents (and TOKENIZE_CHARS) per call."""
+def tokenize_documents(docs: Iterator[Doc], tokenizer, eos_id: int, batch_docs: int, finished: bool = True) -> Iterator[TokDoc]:
+    """Documents with their tokens, tokenizing up to `batch_docs` documents (and TOKENIZE_CHARS) per call.
+    finished=False leaves out the kept-document counts (finish): what the cache stores."""
     buf: list[Doc] = []
     chars = 0
     for doc in docs:
         if doc.tokens is not None:
-            yield from _tokenize(buf, tokenizer, eos_id)
+            yield from _tokenize(buf, tokenizer, eos_id, finished)
             buf, chars = [], 0
             yield pretokenized(doc)
             continue
         buf.append(doc)
         chars += sum(map(len, doc.pieces or ()))
         if len(buf) >= batch_docs or chars >= TOKENIZE_CHARS or doc.end:
-            yield from _tokenize(buf, tokenizer, eos_id)
+            yield from _tokenize(buf, tokenizer, eos_id, finished)
             buf, chars = [], 0
-    yield from _tokenize(buf, tokenizer, eos_id)
+    yield from _tokenize(buf, tokenizer, eos_id, finished)
 
 
-def _tokenize(buf: list[Doc], tokenizer, eos_id: int) -> Iterator[TokDoc]:
+def _tokenize(buf: list[Doc], tokenizer, eos_id: int, finished: bool) -> Iterator[TokDoc]:
     texts = [p for d in buf if d.pieces for p in d.pieces]
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []
     k = 0
@@ -109,7 +110,8 @@ def _tokenize(buf: list[Doc], tokenizer, eos_id: int) -> Iterator[TokDoc]:
             ids.extend(enc[k])
             ids.append(eos_id)
             k += 1
-        yield finish(TokDoc(doc, ids, starts))
+        td = TokDoc(doc, ids, starts)
+        yield finish(td) if finished else td
 
 
 class _Row:

@@ -54,13 +54,14 @@ class SplitPlan:
     held_docs: list = field(default_factory=list)  # validation from the hold-out: [(doc key, text or pretokenized)]
     cache: Any = None  # cache.CacheInfo when the split reads a packed cache
     table: str = ""  # hash of the partition table (what positions mean)
+    part_bytes: int = 0  # the partition_bytes the table was cut with
 
     @property
     def num_sources(self) -> int:
         return len(self.weights)
 
 
-def _source_plan(cfg: StreamConfig, specs: list, name: str, tokenizer) -> SplitPlan:
+def source_plan(cfg: StreamConfig, specs: list, name: str, tokenizer) -> SplitPlan:
     record = cfg.sft is not None
     clean = cfg.clean.model_copy(update={"max_chars": None}) if record else cfg.clean
     common = dict(clean=clean, on_bad=cfg.on_bad_record, limit=cfg.max_record_bytes, seed=cfg.seed)
@@ -72,11 +73,11 @@ def _source_plan(cfg: StreamConfig, specs: list, name: str, tokenizer) -> SplitP
         info = open_cache(specs[0].path, cfg, tokenizer)
         return SplitPlan(name, info.parts, info.weights, info.fields, cache=info, table=info.hash, **common)
     files = source_files(specs, record)
-    parts, _ = partition_table(specs, files, cfg.partition_bytes)
+    parts, part_bytes = partition_table(specs, files, cfg.partition_bytes)
     for i, spec in enumerate(specs):
         check_source(spec, [p for p in parts if p.source == i], cfg.max_record_bytes, None if record else spec.text_field)
     fields = [None if record else s.text_field for s in specs]
-    return SplitPlan(name, parts, [s.weight for s in specs], fields, table=table_hash(parts), **common)
+    return SplitPlan(name, parts, [s.weight for s in specs], fields, table=table_hash(parts), part_bytes=part_bytes, **common)
 
 
 def build_plan(cfg: StreamConfig, split: str, tokenizer) -> SplitPlan:
@@ -84,16 +85,15 @@ def build_plan(cfg: StreamConfig, split: str, tokenizer) -> SplitPlan:
     if split not in ("train", "validation"):
         raise ShardtuneError(f"unknown data split {split!r}; use train or validation.")
     if split == "validation" and cfg.validation_sources:
-        return replace(_source_plan(cfg, cfg.validation_sources, "validation", tokenizer), on_end="drop")
+        return replace(source_plan(cfg, cfg.validation_sources, "validation", tokenizer), on_end="drop")
     if split == "validation" and not cfg.holdout:
         raise ShardtuneError("there is no validation data; set validation_sources or holdout in the stream config.")
-    base = _source_plan(cfg, cfg.sources, split, tokenizer)
+    base = source_plan(cfg, cfg.sources, split, tokenizer)
     if not cfg.holdout:
         return replace(base, block=cfg.shuffle_block, on_end=cfg.on_source_end, quota=cfg.max_documents)
     held, docs, hashes = plan_holdout(cfg, base)
     if split == "validation":
-        size = lambda p: len(p) if isinstance(p, str) else len(p[0])  # noqa: E731
-        parts = [Part(j, 0, "held", "", j, 1, size(payload)) for j, (_, payload) in enumerate(docs)]
+        parts = [Part(j, 0, "held", "", j, 1, 1) for j in range(len(docs))]  # equal weights: dealt evenly, the same from a cache
         return replace(base, parts=parts, weights=[1.0], fields=[base.fields[0]], on_end="drop", held_docs=docs, table=base.table + ":held")
     return replace(base, block=cfg.shuffle_block, on_end=cfg.on_source_end, quota=cfg.max_documents, held=held, held_hashes=hashes)
 
@@ -163,9 +163,9 @@ def stream_settings(cfg: StreamConfig, split: str, tokenizer) -> dict[str, Any]:
     return out | {"split": split, "tokenizer": tokenizer_id(tokenizer)}
 
 
-def first_difference(saved: dict, now: dict) -> Optional[str]:
+def first_difference(saved: dict, now: dict, then: str = "then", here: str = "now") -> Optional[str]:
     """'data.seed: 3 then, 4 now' for the first key that differs, or None."""
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
-            return f"{key}: {saved.get(key)!r} then, {now.get(key)!r} now"
+            return f"{key}: {saved.get(key)!r} {then}, {now.get(key)!r} {here}"
     return None
