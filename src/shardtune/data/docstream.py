@@ -19,8 +19,9 @@
   so train skips them on any number of slots, in every epoch.
 - Block shuffle: the documents of a partition are permuted within
   consecutive blocks of B by a permutation seeded with (seed, partition,
-  epoch, block start). A resume re-reads at most the current block of each
-  open partition; no state beyond the block start and the count consumed.
+  epoch, block start). Without shuffle the blocks (of UNSHUFFLED_BLOCK) keep
+  their order. A resume re-reads at most the current block of each open
+  partition; no state beyond the block start and the count consumed.
 - Dedup (clean.dedup) is exact within a partition: a hash set per open
   partition, seeded with the hashes of the held-out documents (train drops
   copies of validation documents). Its costs: duplicates in different
@@ -47,14 +48,15 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from dataclasses import dataclass, replace
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple, Optional
 
 from shardtune import ShardtuneError
 from shardtune.data.clean import Counts, add_counts, clean_document
 from shardtune.data.readers import BAD, OK, field_text, read_part, sentence
 
 _M = (1 << 64) - 1
+UNSHUFFLED_BLOCK = 64  # without shuffle, documents are still read in blocks: a resume re-reads at most this many
 
 
 def _mix(z: int) -> int:
@@ -69,9 +71,9 @@ def uniform(seed: int, d: int, attempt: int) -> float:
     return _mix(_mix(_mix(seed & _M) ^ d) ^ attempt) / 2.0**64
 
 
-@dataclass(frozen=True)
-class PState:
-    """A partition's position (see the module docstring); JSON as [pos, rec, taken, offset, epoch, done]."""
+class PState(NamedTuple):
+    """A partition's position (see the module docstring); JSON as [pos, rec, taken, offset, epoch, done].
+    A NamedTuple, not a dataclass: two are made per document."""
 
     pos: int
     rec: int = 0
@@ -186,7 +188,7 @@ class PartDocs:
             pieces, tokens, counts = self._shape(payload)
             docs.append((rec, pieces, tokens, add_counts(counts, carry)))
             carry = {}
-            if len(docs) >= max(1, self.plan.block):
+            if len(docs) >= (self.plan.block or UNSHUFFLED_BLOCK):
                 break
         add_counts(self.tail, carry)
         self.end = (self.cur["pos"], self.rec)
@@ -236,6 +238,7 @@ class SlotStream:
         self.active = active
         total = sum(plan.weights[i] for i in active) or 1.0
         self.cum = list(itertools.accumulate(plan.weights[i] / total for i in active))
+        self._after: Optional[tuple] = None
 
     def _initial(self, pid: int) -> PState:
         return PState(self.plan.parts[pid].initial_pos())
@@ -253,12 +256,12 @@ class SlotStream:
         d, quota, ended, sources = snap
         if partial is not None:
             i, cur, before, offset = partial
-            sources = sources[:i] + ((sources[i][0], cur, replace(before, offset=offset)),) + sources[i + 1:]
+            sources = sources[:i] + ((sources[i][0], cur, before._replace(offset=offset)),) + sources[i + 1:]
         out = []
         for order, cur, state in sources:
             states = {}
             for j, (pid, st) in enumerate(order):
-                st = replace(st, done=True) if j < cur else (state if j == cur else st)
+                st = st._replace(done=True) if j < cur else (state if j == cur else st)
                 if st != self._initial(pid):
                     states[str(pid)] = st.to_json()
             out.append({"parts": [pid for pid, _ in order], "cur": cur, "states": states})
@@ -315,10 +318,11 @@ class SlotStream:
 
     def next_doc(self) -> Doc:
         """The next document, or the end marker (end=True, with the counts met on the way)."""
-        before = self.snapshot()
+        before = self._after or self.snapshot()  # nothing moves between two documents
         counts: Counts = {}
         got = self._draw(counts)
         if got is None:
+            self._after = None
             return Doc(-1, None, counts, after=self.snapshot(), end=True)
         i, ((item, pbefore, _, offset), cur) = got
         rec, pieces, tokens, doc_counts = item
@@ -327,7 +331,8 @@ class SlotStream:
             self.quota -= 1
         part = self.plan.parts[self.sources[i].order[cur][0]]
         key = self.plan.held_docs[part.start][0] if part.fmt == "held" else doc_key(part.pid, rec, pbefore.epoch, len(self.plan.parts))
-        return Doc(key, pieces, add_counts(doc_counts, counts), offset, i, tokens, (before, i, cur, pbefore), self.snapshot())
+        self._after = self.snapshot()
+        return Doc(key, pieces, add_counts(doc_counts, counts), offset, i, tokens, (before, i, cur, pbefore), self._after)
 
     def documents(self) -> Iterator[Doc]:
         while True:

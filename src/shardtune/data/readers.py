@@ -126,18 +126,17 @@ def _skip_line(f, pos: int) -> int:
 
 def _align(f, start: int, end: int) -> int:
     """The first line start in [start, end), or end when there is none: a line starts after a newline, so
-    look for one in [start - 1, end - 1). Reads at most the range's own bytes (a long record that began
-    before the range is not read to its end here: its owner reads it)."""
+    read from start - 1 to the first newline, but not past end - 1. Reads at most the range's own bytes (a long
+    record that began before the range is not read to its end here: its owner reads it)."""
     f.seek(start - 1)
-    pos, size = start - 1, 256
+    pos = start - 1
     while pos < end - 1:
-        chunk = f.read(min(size, end - 1 - pos))
+        chunk = f.readline(min(1 << 20, end - 1 - pos))
         if not chunk:
             break
-        i = chunk.find(b"\n")
-        if i >= 0:
-            return pos + i + 1
-        pos, size = pos + len(chunk), min(2 * size, 1 << 20)
+        pos += len(chunk)
+        if chunk.endswith(b"\n"):
+            return pos
     return end
 
 
