@@ -115,6 +115,9 @@ def raw_records(plan, part, cur: dict) -> Iterator[tuple[str, Any]]:
     fld = plan.fields[part.source]
     for event in read_part(part, cur, plan.limit, None if fld is None else [fld]):
         if event[0] == OK:
+            if type(event[1]) is str:  # txt: the record is its text (the common case, kept fast)
+                yield ("doc", event[1])
+                continue
             event = field_text(event[1], fld, event[2])
             if event[0] == OK:
                 yield ("doc", event[1])
@@ -178,17 +181,20 @@ class PartDocs:
         """Read the next block; False at the end of the partition."""
         self.start = self.end
         docs, carry = [], {}
+        held, pid, size = self.plan.held, self.part.pid, self.plan.block or UNSHUFFLED_BLOCK
         for kind, payload in self.items:
             if kind == "count":
                 add_counts(carry, payload)
                 continue
             rec, self.rec = self.rec, self.rec + 1
-            if (self.part.pid, rec) in self.plan.held:
+            if held and (pid, rec) in held:
                 continue  # a held-out record: invisible to this split; counts before it carry on
             pieces, tokens, counts = self._shape(payload)
-            docs.append((rec, pieces, tokens, add_counts(counts, carry)))
-            carry = {}
-            if len(docs) >= (self.plan.block or UNSHUFFLED_BLOCK):
+            if carry:
+                add_counts(counts, carry)
+                carry = {}
+            docs.append((rec, pieces, tokens, counts))
+            if len(docs) >= size:
                 break
         add_counts(self.tail, carry)
         self.end = (self.cur["pos"], self.rec)
@@ -239,6 +245,7 @@ class SlotStream:
         total = sum(plan.weights[i] for i in active) or 1.0
         self.cum = list(itertools.accumulate(plan.weights[i] / total for i in active))
         self._after: Optional[tuple] = None
+        self.live = len(active)  # active sources not found exhausted yet
 
     def _initial(self, pid: int) -> PState:
         return PState(self.plan.parts[pid].initial_pos())
@@ -295,8 +302,7 @@ class SlotStream:
     def _draw(self, counts: Counts):
         attempt = 0
         while not self.ended:
-            live = [i for i in self.active if not self.sources[i].exhausted]
-            if self.quota == 0 or not live:
+            if self.quota == 0 or self.live == 0:
                 self.ended = True
                 break
             i = self._pick(attempt)
@@ -312,6 +318,7 @@ class SlotStream:
                 got = self._read(i, counts)
             if got is None:
                 self.sources[i].exhausted = True
+                self.live -= 1
                 continue
             return i, got
         return None
@@ -332,7 +339,7 @@ class SlotStream:
         part = self.plan.parts[self.sources[i].order[cur][0]]
         key = self.plan.held_docs[part.start][0] if part.fmt == "held" else doc_key(part.pid, rec, pbefore.epoch, len(self.plan.parts))
         self._after = self.snapshot()
-        return Doc(key, pieces, add_counts(doc_counts, counts), offset, i, tokens, (before, i, cur, pbefore), self._after)
+        return Doc(key, pieces, add_counts(doc_counts, counts) if counts else doc_counts, offset, i, tokens, (before, i, cur, pbefore), self._after)
 
     def documents(self) -> Iterator[Doc]:
         while True:
