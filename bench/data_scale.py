@@ -30,7 +30,10 @@ spread, are run and the per-slot means stand for all S (the aggregate
 documents/s then counts each slot's share of the documents, which is 1/S of
 them).
 
-Run: .venv/bin/python bench/data_scale.py   (about 3-6 minutes on a busy 2-core CPU)
+The designs alternate for --rounds rounds (default 3); docs/s columns are
+medians. Bytes and records do not vary between rounds.
+
+Run: .venv/bin/python bench/data_scale.py   (about 6-9 minutes on a busy 2-core CPU)
 """
 
 from __future__ import annotations
@@ -171,15 +174,18 @@ def run_baseline(rev: str, layout: str, slots: list[int], sample: int) -> dict[i
 # ---------------------------------------------------------------- report
 
 
-def row(name: str, num_slots: int, m: dict, total: int, target: str) -> str:
-    s = m["slots"]
-    frac = lambda key, ref: [x[key] / ref for x in s]  # noqa: E731
-    records_all = m["records_all"]
-    b, r = frac("bytes", total), frac("records", records_all)
+def row(name: str, num_slots: int, runs: list[dict], total: int, records_all: int, target: str) -> str:
+    """One table row; bytes and records from the first round (they do not vary), docs/s as the median of the rounds."""
+    import statistics
+
+    s = runs[0]["slots"]
+    b = [x["bytes"] / total for x in s]
+    r = [x["records"] / records_all for x in s]
     scale = num_slots / len(s)  # sampled baseline: every slot does the same work
-    wall, cpu, docs = (sum(x[k] for x in s) * scale for k in ("wall", "cpu", "docs"))
+    docs = sum(x["docs"] for x in s) * scale
+    rate = lambda key: statistics.median(docs / (sum(x[key] for x in m["slots"]) * scale) for m in runs)  # noqa: E731
     return (f"| {num_slots} | {name} | {sum(b) / len(b):.4f} | {max(b):.4f} | {sum(r) / len(r):.4f} | {max(r):.4f} | {target} | "
-            f"{sum(x['bytes'] for x in s) * scale / total:.3f} | {docs / wall:,.0f} | {docs / cpu:,.0f} |")
+            f"{sum(x['bytes'] for x in s) * scale / total:.3f} | {rate('wall'):,.0f} | {rate('cpu'):,.0f} |")
 
 
 def main() -> None:
@@ -188,6 +194,7 @@ def main() -> None:
     p.add_argument("--layouts", default="lines,files")
     p.add_argument("--baseline-rev", default="290a21e")
     p.add_argument("--baseline-sample", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two designs (medians of docs/s)")
     p.add_argument("--worker", choices=["old"], help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -203,23 +210,24 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}; corpus {total:,} bytes", flush=True)
     start = time.perf_counter()
     for layout in args.layouts.split(","):
-        new = {S: measure_new(layout, S) for S in slots}
-        print(f"  {layout}: partitioned design measured ({time.perf_counter() - start:.0f} s)", flush=True)
-        old = run_baseline(args.baseline_rev, layout, slots, args.baseline_sample)
-        print(f"  {layout}: baseline measured ({time.perf_counter() - start:.0f} s)", flush=True)
-        records_all = sum(x["records"] for x in new[1]["slots"])
-        docs_all = sum(x["docs"] for x in new[1]["slots"])
-        print(f"\n### layout {layout}: {records_all:,} records, {docs_all:,} documents, {new[1]['parts']:,} partitions (largest {new[1]['max_part']:,} bytes)\n")
-        print("| S | design | bytes read / slot, mean | max | records parsed / slot, mean | max | target max (1.05/S + 1 partition) | bytes read, all slots / corpus | docs/s, all slots | docs/CPU-s |")
+        new, old = [], []
+        for r in range(args.rounds):  # the designs alternate, round after round
+            new.append({S: measure_new(layout, S) for S in slots})
+            old.append(run_baseline(args.baseline_rev, layout, slots, args.baseline_sample))
+            print(f"  {layout}: round {r + 1} of both designs measured ({time.perf_counter() - start:.0f} s)", flush=True)
+        first = new[0][1]
+        records_all, docs_all = sum(x["records"] for x in first["slots"]), sum(x["docs"] for x in first["slots"])
+        print(f"\n### layout {layout}: {records_all:,} records, {docs_all:,} documents, {first['parts']:,} partitions (largest {first['max_part']:,} bytes)\n")
+        print("| S | design | bytes read / slot, mean | max | records parsed / slot, mean | max | target max (1.05/S + 1 partition) "
+              f"| bytes read, all slots / corpus | docs/s, all slots (median of {args.rounds}) | docs/CPU-s (median) |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for S in slots:
-            for m in (new[S], old[S]):
-                m["records_all"] = records_all
-            target = 1.05 / S + new[S]["max_part"] / total
-            ok = max(x["bytes"] for x in new[S]["slots"]) / total <= target
-            assert sum(x["docs"] for x in new[S]["slots"]) == docs_all, "every document exactly once"
-            print(row("partitioned", S, new[S], total, f"{target:.4f} {'met' if ok else 'MISSED'}"))
-            print(row(f"today (every slot reads all{', ' + str(old[S]['sampled']) + ' slots run' if old[S]['sampled'] < S else ''})", S, old[S], total, ""))
+            target = 1.05 / S + new[0][S]["max_part"] / total
+            ok = max(x["bytes"] for x in new[0][S]["slots"]) / total <= target
+            assert all(sum(x["docs"] for x in m[S]["slots"]) == docs_all for m in new), "every document exactly once"
+            print(row("partitioned", S, [m[S] for m in new], total, records_all, f"{target:.4f} {'met' if ok else 'MISSED'}"))
+            sampled = old[0][S]["sampled"]
+            print(row(f"today (every slot reads all{', ' + str(sampled) + ' slots run' if sampled < S else ''})", S, [m[S] for m in old], total, records_all, ""))
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load at the end {os.getloadavg()[0]:.1f}")
 
 
