@@ -223,6 +223,34 @@ def test_resume_through_1_2_4_1_slots(reference, tok):
     assert doc_tokens(got) == ref
 
 
+def test_repeat_with_a_quota_through_other_slot_counts(corpus, tok):
+    """Endless sources cut by max_documents: re-dealt twice, every (epoch, partition, record) at most once, N in all."""
+    cfg = make_cfg(corpus[0], on_source_end="repeat", max_documents=500)
+    run1 = loaders(cfg, tok, 1, 0)
+    got = flat(take(run1, [30]))
+    run2 = loaders(cfg, tok, 3, 0, state=saved(run1))
+    got += flat(take(run2, [10, 20, 15]))
+    run3 = loaders(cfg, tok, 1, 2, state=saved(run2))
+    got += flat(take(run3, [None]))
+    docs, stats = doc_tokens(got), run3[0].stats()  # the counts travel with the state through both re-deals
+    assert max(k >> 32 for k in docs) >= len(run1[0].plan.parts)  # a second epoch was read
+    assert len(docs) == stats["data/documents"]  # no document id twice
+    assert stats["data/documents"] + stats.get("data/dropped/empty", 0) == 500
+
+
+def test_snapshot_taken_before_a_step_resumes_there(corpus, tok):
+    """What a trainer saves when a step is abandoned: the position before its micro-batches."""
+    cfg = make_cfg(corpus[0])
+    (ref,) = loaders(cfg, tok, 1, 2)
+    full = list(ref)
+    (ld,) = loaders(cfg, tok, 1, 2)
+    head = [ld.next() for _ in range(4)]
+    mark = ld.snapshot()
+    [ld.next() for _ in range(3)]  # fetched for a step that does not happen
+    (resumed,) = loaders(cfg, tok, 1, 2, state=ld.state_dict(mark))
+    assert same(head + list(resumed), full)
+
+
 def test_lockstep_stop_then_one_rank(reference, tok):
     cfg, ref = reference
     run1 = loaders(cfg, tok, 2, 2)

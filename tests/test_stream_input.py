@@ -25,7 +25,9 @@ def records_of(parts, columns=None) -> list:
     out = []
     for part in parts:
         cur = {"pos": part.initial_pos()}
-        out += [e[1] for e in readers.read_part(part, cur, 1 << 20, columns) if e[0] == readers.OK]
+        events = list(readers.read_part(part, cur, 1 << 20, columns))
+        assert not [e for e in events if e[0] == readers.BAD]  # a range that starts mid-record would read a broken one
+        out += [e[1] for e in events if e[0] == readers.OK]
         assert cur["pos"] >= min(part.end, os.path.getsize(part.path)) or part.fmt != "jsonl"
     return out
 
