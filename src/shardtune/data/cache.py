@@ -226,19 +226,25 @@ def _build_record(cfg: StreamConfig, plan, tokenizer, eos: int, split: str) -> d
 
 
 def _claim_folder(root: Path, record: dict) -> None:
-    """Start or join a build in root: write build.json, or check that the one there is this build."""
-    if (root / BUILD).is_file():
-        there = json.loads((root / BUILD).read_text())
-        if there.get("hash") != record["hash"]:
-            diff = first_difference(flat(there.get("shaped_by", {}), "data"), flat(record["shaped_by"], "data"))
-            raise ShardtuneError(f"{root} holds a cache build with other data settings ({diff}); remove it or choose another folder.")
-        return
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ShardtuneError(f"--write {root} already exists and is neither empty nor a cache build; remove it or choose another folder.")
-    (root / PARTS).mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{BUILD}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, root / BUILD)
+    """Start or join a build in root: write build.json unless there is one, then check that it is this build.
+    Builders may start at the same moment: what one of them may see of another's start (its build.json, being
+    written, or parts/) counts as a build, anything else in the folder is refused."""
+    build_file = root / BUILD
+    if not build_file.is_file():
+        if root.exists() and not root.is_dir():
+            raise ShardtuneError(f"--write {root} is a file; choose a folder.")
+        root.mkdir(parents=True, exist_ok=True)
+        other = [p.name for p in root.iterdir() if p.name != PARTS and not p.name.startswith(f".{BUILD}.tmp")]
+        if other and not build_file.is_file():
+            raise ShardtuneError(f"--write {root} already exists and is neither empty nor a cache build; remove it or choose another folder.")
+        tmp = root / f".{BUILD}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, build_file)
+    there = json.loads(build_file.read_text())
+    if there.get("hash") != record["hash"]:
+        diff = first_difference(flat(there.get("shaped_by", {}), "data"), flat(record["shaped_by"], "data"))
+        raise ShardtuneError(f"{root} holds a cache build with other data settings ({diff}); remove it or choose another folder.")
+    (root / PARTS).mkdir(exist_ok=True)
 
 
 @dataclass
