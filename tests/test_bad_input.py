@@ -76,6 +76,20 @@ def test_non_string_text(run_cli, tiny_bert, tmp_path):
     _one_sentence(code, err, "d.jsonl line 2", "42 (int), not text")
 
 
+def test_folder_without_label_subfolders(run_cli, tiny_bert, tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a loose text file, no label")
+    code, _, err = run_cli("train", QS, *tiny_overrides(tiny_bert, tmp_path / "r", **{"data.train_file": tmp_path / "texts"}))
+    _one_sentence(code, err, "holds no subfolders of .txt files", "one subfolder per label")
+
+
+def test_ragged_csv_row(run_cli, tiny_bert, tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text("text,label\ngood,pos\nbad, very bad,neg\n")
+    code, _, err = run_cli("train", QS, *tiny_overrides(tiny_bert, tmp_path / "r", **{"data.train_file": f}))
+    _one_sentence(code, err, "r.csv line 3 has 3 fields where the header has 2", "quote fields")
+
+
 def test_missing_data_file(run_cli, tiny_bert, tmp_path):
     code, _, err = run_cli("train", QS, *tiny_overrides(tiny_bert, tmp_path / "r", **{"data.train_file": tmp_path / "x.csv"}))
     _one_sentence(code, err, "x.csv does not exist", "rotten-tomatoes")

@@ -26,19 +26,19 @@ def words(g: int, n: int, first: int = 0) -> str:
 
 
 def docs(lengths, pieces=None, offsets=None):
-    """Documents g = 0.. with the given word counts, then the end marker."""
+    """Documents g = 0.. with the given word counts (None: dropped), then the end marker."""
     for g, n in enumerate(lengths):
         text = None if n is None else ([words(g, n)] if not pieces or g not in pieces else [words(g, k, sum(pieces[g][:i])) for i, k in enumerate(pieces[g])])
-        counts = {"data/documents": 1} if text else {"data/dropped/empty": 1}
-        yield Doc(g, text, counts, (offsets or {}).get(g, 0), {"t": g}, [], g + 1)
-    yield Doc(len(lengths), None, {}, 0, {"t": len(lengths)}, [], len(lengths) + 1, end=True)
+        yield Doc(g, text, {} if text else {"data/dropped/empty": 1}, (offsets or {}).get(g, 0), source=0)
+    yield Doc(-1, None, {}, end=True)
 
 
 def pack(doc_iter, seq_len=4, **kw):
+    """-> (rows, (document key, tokens of it out or None when done) after each row, counts)."""
     opt = PackOptions(seq_len, EOS, PAD, **kw)
     counts: dict = {}
     out = list(pack_rows(tokenize_documents(doc_iter, WordTok(), EOS, 2), opt, counts))
-    return [r for r, _ in out if r is not None], [s for _, s in out], counts
+    return [r for r, _ in out if r is not None], [(p[0].key, p[1]) for _, p in out], counts
 
 
 def stream(lengths):
@@ -54,14 +54,14 @@ def test_concat_packing_fills_rows_and_pads_only_the_end():
     assert [r[0] for r in rows] == [flat[0:4], flat[4:8], flat[8:12], flat[12:] + [PAD] * 3]
     assert rows[1][2] == [1, 1, 1, 1] and rows[3][2] == [2, -1, -1, -1]  # doc ids
     assert rows[3][1] == [EOS, IGNORE, IGNORE, IGNORE]  # labels: -100 on padding only
-    assert states[0]["pending"] == [] and states[0]["cursor"] == 1  # row ended exactly at doc 0's end
-    assert states[1]["pending"] == [[1, 4]] and states[2]["pending"] == [[2, 2]]
-    assert counts == {"data/documents": 3, "data/sequences": 4, "data/tokens": 13, "data/padding": 3}
+    assert states[0] == (0, None)  # the row ended exactly at doc 0's end: doc 0 is done
+    assert states[1] == (1, 4) and states[2] == (2, 2) and states[-1] == (-1, None)
+    assert counts == {"data/documents": 3, "data/source0/documents": 3, "data/sequences": 4, "data/tokens": 13, "data/padding": 3}
 
 
 def test_resume_mid_document_gives_the_same_rows():
     rows, states, _ = pack(docs([3, 5, 2]))
-    (g, off), = states[1]["pending"]
+    g, off = states[1]
     resumed, _, counts = pack(docs([None, 5, 2], offsets={g: off}))
     assert resumed == rows[2:]
     # a resumed partial document was counted when it started: only doc 2 (and doc 0's drop marker) count now
@@ -84,7 +84,7 @@ def test_no_split_starts_documents_on_a_new_row():
     rows, states, counts = pack(docs([2, 2, 6]), seq_len=4, split_documents=False)
     assert rows[0][0] == stream([2])[:3] + [PAD]  # doc 1 (3 tokens) does not fit after doc 0
     assert rows[1][0] == [102, 103, EOS, PAD]
-    assert states[0]["pending"] == [[1, 0]]  # not started yet: offset 0
+    assert states[0] == (1, 0)  # not started yet: offset 0
     assert [r[2][0] for r in rows[2:]] == [2, 2]  # a document longer than a row is still split
     assert counts["data/documents"] == 3 and counts["data/padding"] > 0
 
@@ -102,7 +102,7 @@ def test_batches_and_final_state():
     assert [b["input_ids"].shape[0] for b, _ in out] == [3, 1]
     assert set(out[0][0]) == {"input_ids", "labels", "attention_mask", "doc_ids"}
     assert out[1][0]["attention_mask"].tolist() == [[1, 0, 0, 0]]
-    assert out[-1][1]["cursor"] == 4 and out[-1][1]["pending"] == []
+    assert out[-1][1][0].end and out[-1][1][1] is None
     rows = pack_rows(tokenize_documents(docs([3]), WordTok(), EOS, 64), opt, {})
     assert [b is None for b, _ in make_batches(rows, 1, opt)] == [False, True]  # final state follows the last batch
 

@@ -53,16 +53,19 @@ def _parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser(
         "preprocess",
-        help="show (and cache) what the streaming stage makes of a causal_lm config",
+        help="show what the streaming stage makes of a causal_lm config, or build its pretokenized cache",
         description="Stream the config's data once: print the first N packed rows decoded, one [doc G] mark per "
-        "document, and the stage's stats; with --write, cache the packed rows as shards for later runs.",
+        "document, and the stage's stats. With --write DIR, build the pretokenized cache of the split's sources "
+        "(P processes; ranks launched with RANK/WORLD_SIZE each build their share, no collectives; rerun to resume), "
+        "a training source: data.sources: [{path: DIR, format: packed}].",
     )
     pp.add_argument("config", help="YAML config file with task: causal_lm")
     pp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.seq_len=256")
     pp.add_argument("--show", type=int, default=3, metavar="N", help="packed rows to print decoded (default 3)")
-    pp.add_argument("--write", type=Path, metavar="DIR", help="cache every packed row under DIR (a new or empty folder)")
-    pp.add_argument("--split", choices=("train", "validation"), default="train", help="which split (default: train)")
-    pp.add_argument("--max-rows", type=int, metavar="R", help="stream at most R rows (default: 1000 without --write, all with it)")
+    pp.add_argument("--write", type=Path, metavar="DIR", help="build the pretokenized cache in DIR (new, empty, or an unfinished build of the same settings)")
+    pp.add_argument("--processes", type=int, default=1, metavar="P", help="builder processes for --write (per rank under RANK/WORLD_SIZE; default 1)")
+    pp.add_argument("--split", choices=("train", "validation"), default="train", help="which split (default: train; --write validation: data.validation_sources)")
+    pp.add_argument("--max-rows", type=int, metavar="R", help="stream at most R rows for --show and the stats (default 1000)")
 
     pl = sub.add_parser(
         "plan",
@@ -222,7 +225,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from shardtune.preprocess import preprocess
 
     cfg = load_config(args.config, args.overrides)
-    preprocess(cfg, show=args.show, write=args.write, split=args.split, max_rows=args.max_rows)
+    preprocess(cfg, show=args.show, write=args.write, split=args.split, max_rows=args.max_rows, processes=args.processes)
     return 0
 
 

@@ -58,7 +58,10 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     kind: Literal["files"] = Field("files", description="Record files for classification (set from task).")
-    train_file: str = Field("rotten-tomatoes", description="CSV/TSV/JSONL/parquet file, packaged data set name, or hub:NAME[:CONFIG][@SPLIT].")
+    train_file: str = Field(
+        "rotten-tomatoes",
+        description="CSV/TSV/JSONL/JSON/parquet file, a folder with one subfolder of .txt files per label, a packaged data set name, or hub:NAME[:CONFIG][@SPLIT].",
+    )
     validation_file: Optional[str] = Field(None, description="Validation data (same forms); None = seeded hold-out of the train data.")
     test_file: Optional[str] = Field(None, description="Test data (same forms); None = seeded hold-out of the train data.")
     text_column: str = Field("text", min_length=1, description="Column holding the input text.")
@@ -84,10 +87,13 @@ class SourceSpec(_Section):
     path: str = Field(..., min_length=1, description="File, folder, glob (** allowed) or hub:NAME[:CONFIG][@SPLIT].")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the mixture.")
     text_field: str = Field("text", min_length=1, description="Field or column holding the document text (not used for txt).")
-    format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "txt"]] = Field(
-        None, description="Force a file format; None = from each file's extension."
+    format: Optional[Literal["jsonl", "json", "csv", "tsv", "parquet", "txt", "packed"]] = Field(
+        None, description="Force a file format; None = from each file's extension; packed = a cache written by `shardtune preprocess --write` (path is its folder)."
     )
     txt_unit: Literal["line", "file"] = Field("line", description="For txt files: one document per line or per file.")
+    split: bool = Field(
+        True, description="Split large jsonl/txt/csv/tsv files into byte-range partitions; false = one partition per file (CSV with line breaks inside quoted fields)."
+    )
 
 
 class CleanConfig(_Section):
@@ -96,7 +102,7 @@ class CleanConfig(_Section):
     min_chars: int = Field(1, ge=1, description="Drop documents with fewer non-space characters (1 = drop only empty ones).")
     max_chars: Optional[int] = Field(None, gt=0, description="Documents longer than this (characters) are handled by too_long; None = no limit.")
     too_long: Literal["split", "truncate", "drop"] = Field("split", description="Too-long documents: split into max_chars pieces, truncate, or drop.")
-    dedup: bool = Field(False, description="Drop exact duplicates (by hash of the cleaned text) over the whole stream; see stream.py for the cost.")
+    dedup: bool = Field(False, description="Drop exact duplicates (by hash of the cleaned text) within each partition; see data/docstream.py for the cost.")
 
 
 class SftConfig(_Section):
@@ -119,9 +125,12 @@ class StreamConfig(_Section):
     on_source_end: Literal["stop", "drop", "repeat"] = Field(
         "stop", description="When a mixed source runs out: stop the stream, drop it from the mixture, or repeat it (endless)."
     )
-    max_documents: Optional[int] = Field(None, gt=0, description="Use only the first N train records (counted before cleaning; smoke runs).")
+    max_documents: Optional[int] = Field(None, gt=0, description="Use only N train records in all (counted before cleaning, shared out over the slots; smoke runs).")
     on_bad_record: Literal["skip", "error"] = Field("skip", description="A bad record (invalid JSON/UTF-8, missing text, ragged row): drop and count it, or stop with an error.")
     max_record_bytes: int = Field(16 << 20, gt=0, description="Records (lines, rows, txt files) longer than this are bad records.")
+    partition_bytes: Optional[int] = Field(
+        None, ge=1024, description="Target size of a byte-range partition of a large file; None = all source bytes / 16384, between 4 KiB and 64 MiB (data/partitions.py)."
+    )
     clean: CleanConfig = CleanConfig()
     seq_len: int = Field(512, ge=2, le=1_000_000, description="Tokens per packed sequence.")
     split_documents: bool = Field(True, description="Let a document continue into the next sequence; False = start it on a new one (pads).")

@@ -38,12 +38,12 @@ def predict(run_dir: Path, texts: list[str], batch_size: int = 64, max_length: i
 
 
 def read_texts(path: Path, column: str) -> list[str]:
-    from shardtune.data.sources import read_records
+    from shardtune.data.records import read_records
 
     texts = []
-    for line, rec in read_records(path):
+    for where, rec in read_records(path):
         if not isinstance(rec.get(column), str):
-            raise ShardtuneError(f"{path} line {line}: no text in column {column!r}; pass --column with the text column's name.")
+            raise ShardtuneError(f"{where}: no text in column {column!r}; pass --column with the text column's name.")
         texts.append(rec[column])
     return texts
 

@@ -1,47 +1,35 @@
-"""`shardtune preprocess`: what the streaming stage makes of a causal_lm config, and a cache of it.
+"""`shardtune preprocess`: what the streaming stage makes of a language-model config, and its cache.
 
-    shardtune preprocess CONFIG [KEY=VALUE ...] --show N [--write DIR]
+    shardtune preprocess CONFIG [KEY=VALUE ...] [--show N] [--write DIR [--processes P]] [--split S] [--max-rows R]
 
-One pass of a `StreamLoader` (one process, no workers) over the configured
-split: the first N packed rows are printed decoded, each document marked; then
-the stage's rates and counts over the rows streamed (--max-rows, default the
-first STATS_ROWS rows, or all rows with --write). With --write the packed rows are also cached as
-shards under DIR, to be read back with `load_cached(DIR)`:
+Without --write: one pass of a `StreamLoader` (one process, no workers) over
+the split; the first N packed rows are printed decoded, each document marked,
+then the stage's rates and counts over the rows streamed (--max-rows, default
+the first STATS_ROWS rows).
 
-    DIR/manifest.json             format, stream fingerprint, packing options,
-                                  tokenizer, the stream config, rows per shard,
-                                  stats, and the stream state after the last row
-    DIR/00000.<key>.npy ...       one array [rows, seq_len] per batch key and
-                                  shard (int32; attention_mask int8), memory-mapped
-                                  on read
-
-`load_cached` checks (when given the run's stream config and tokenizer) that
-the cache was written with the same data settings; its rows are the
-StreamLoader's rows, in order, with the same keys, so `PackedCache.batches(B)`
-equals iterating a one-process StreamLoader with batch_size B.
+With --write DIR: the pretokenized cache of the split's sources is built in
+DIR (data/cache.py), by P local processes; launched with RANK/WORLD_SIZE in
+the environment (torchrun, srun, `shardtune launch`), each rank builds its
+share with its P processes, without a process group or any collective:
+builders coordinate through the files in DIR, and running the command again
+resumes an interrupted build. Then the build's counts are printed and, once
+the cache is complete, the first N rows read back from it. Train from it
+with `data.sources: [{path: DIR, format: packed}]` (the rest of the data
+section as when it was built).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import numpy as np
-
 from shardtune import ShardtuneError
 from shardtune.config import DEFAULT_MODELS, LM_TASKS, Config, StreamConfig
 
-CACHE_FORMAT = "shardtune.packed/1"
-MANIFEST = "manifest.json"
-SHARD_ROWS = 1024
 STATS_ROWS = 1000  # rows streamed for the stats when not writing (a few rows would time mostly start-up)
-DTYPES = {"attention_mask": np.int8}  # every other key: int32
-PACKING_KEYS = ("seq_len", "split_documents", "doc_positions")
 
 
 def stream_config(cfg: Config) -> StreamConfig:
@@ -67,6 +55,12 @@ def load_tokenizer(cfg: Config):
         raise ShardtuneError(f"could not load the tokenizer of model {name!r} ({type(exc).__name__}); point model.name_or_path at a folder with a tokenizer.") from None
 
 
+def packed(scfg: StreamConfig, root: Path, split: str) -> StreamConfig:
+    """The same data section reading the cache in root instead of the sources."""
+    key = "sources" if split == "train" else "validation_sources"
+    return StreamConfig.model_validate(scfg.model_dump() | {key: [{"path": str(root), "format": "packed"}]})
+
+
 # ---------------------------------------------------------------- one pass
 
 
@@ -78,65 +72,53 @@ class Pass:
     seconds: float = 0.0  # time inside the stream (reading, cleaning, tokenizing, packing, collating)
     stats: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # the first rows: {"input_ids", "doc_ids"} without padding
+    report: object = None  # data.cache.BuildReport with --write
 
 
 def preprocess(cfg: Config, *, show: int = 3, write: Optional[Path] = None, split: str = "train",
-               max_rows: Optional[int] = None, shard_rows: int = SHARD_ROWS,
-               echo: Callable[[str], None] = print) -> Pass:
-    """Stream `split` once: echo the first `show` rows decoded, then the stats; with `write`, cache every row."""
-    from shardtune.data.readers import check_source
+               max_rows: Optional[int] = None, processes: int = 1, echo: Callable[[str], None] = print) -> Pass:
+    """Stream `split` once and echo its first `show` rows and stats; with `write`, build its cache there."""
+    from shardtune.data.partitions import source_files
     from shardtune.data.stream import StreamLoader
 
     scfg = stream_config(cfg)
-    if show < 0 or (max_rows is not None and max_rows < 1):
-        raise ShardtuneError("--show must be >= 0 and --max-rows >= 1.")
+    if show < 0 or (max_rows is not None and max_rows < 1) or processes < 1:
+        raise ShardtuneError("--show must be >= 0, --max-rows >= 1 and --processes >= 1.")
     if write is None and show == 0:
         raise ShardtuneError("nothing to do: pass --show N to see rows and/or --write DIR to cache them.")
-    if write is not None and write.exists() and (not write.is_dir() or any(write.iterdir())):
-        raise ShardtuneError(f"--write {write} already exists and is not an empty folder; remove it or choose another folder.")
-    for spec in scfg.sources + scfg.validation_sources:  # fail on a bad source before loading a tokenizer
-        check_source(spec, scfg.max_record_bytes)
+    if write is not None and max_rows is not None:
+        raise ShardtuneError("--max-rows cuts the --show pass; a cache always holds whole partitions: drop --max-rows or --write.")
+    unpacked = [s for s in scfg.sources + scfg.validation_sources if s.format != "packed"]
+    source_files(unpacked, scfg.sft is not None)  # fail on a bad source before loading a tokenizer
     tokenizer = load_tokenizer(cfg)
-    limit = max_rows if max_rows is not None else (None if write is not None else max(show, STATS_ROWS))
-    # one row per batch when cutting at a row count, so the saved stream state is exactly after the last row
-    batch_size = 1 if limit is not None else min(64, shard_rows)
-    loader = StreamLoader(scfg.model_copy(update={"emit_doc_ids": True}), tokenizer, split=split, batch_size=batch_size)
-    if limit is None and loader.endless:
-        raise ShardtuneError("this stream repeats its sources without end (on_source_end: repeat); set data.max_documents or pass --max-rows to --write.")
-    writer = ShardWriter(write, shard_rows) if write is not None else None
-    try:
-        result = _stream(loader, limit, show, writer, echo)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+    result = Pass()
+    if write is not None:
+        result.report = write_cache(cfg, tokenizer, write, split, processes, echo)
+        if not result.report.complete or show == 0:
+            return result
+        scfg = packed(scfg, write, split)
+    limit = max_rows if max_rows is not None else max(show, STATS_ROWS)
+    loader = StreamLoader(scfg.model_copy(update={"emit_doc_ids": True}), tokenizer, split=split, batch_size=1)
+    result = _stream(loader, limit, show, echo, result)
     echo(format_stats(result, scfg.seq_len))
-    if writer is not None:
-        manifest = _manifest(cfg, scfg, loader, tokenizer, split, result)
-        writer.finish(manifest)
-        echo(f"wrote {result.rows} rows in {len(writer.shards)} shard(s) to {write}; read them with shardtune.preprocess.load_cached({str(write)!r})")
     return result
 
 
-def _stream(loader, limit: Optional[int], show: int, writer: Optional["ShardWriter"], echo: Callable[[str], None]) -> Pass:
-    result = Pass()
+def _stream(loader, limit: int, show: int, echo: Callable[[str], None], result: Pass) -> Pass:
     for batch in _timed_rows(loader, limit, result):
-        for i in range(len(batch["input_ids"])):
-            if len(result.samples) < show:
-                keep = batch["doc_ids"][i] >= 0
-                sample = {"input_ids": batch["input_ids"][i][keep].tolist(), "doc_ids": batch["doc_ids"][i][keep].tolist()}
-                prev_last = result.samples[-1]["doc_ids"][-1] if result.samples and result.samples[-1]["doc_ids"] else None
-                echo(format_sample(len(result.samples), sample, prev_last, loader.tokenizer, loader.opt.eos_id))
-                result.samples.append(sample)
-        if writer is not None:
-            writer.add({k: v.numpy() for k, v in batch.items()})
+        if len(result.samples) < show:
+            keep = batch["doc_ids"][0] >= 0
+            sample = {"input_ids": batch["input_ids"][0][keep].tolist(), "doc_ids": batch["doc_ids"][0][keep].tolist()}
+            prev_last = result.samples[-1]["doc_ids"][-1] if result.samples and result.samples[-1]["doc_ids"] else None
+            echo(format_sample(len(result.samples), sample, prev_last, loader.tokenizer, loader.opt.eos_id))
+            result.samples.append(sample)
     result.stats = loader.stats()
     return result
 
 
-def _timed_rows(loader, limit: Optional[int], result: Pass) -> Iterator[dict]:
+def _timed_rows(loader, limit: int, result: Pass) -> Iterator[dict]:
     """The loader's batches, cut at `limit` rows; the time spent producing them goes into result.seconds."""
-    while limit is None or result.rows < limit:
+    while result.rows < limit:
         start = time.perf_counter()
         more = loader.peek() is not None
         batch = loader.next() if more else None
@@ -198,136 +180,78 @@ def format_stats(result: Pass, seq_len: int) -> str:
     ])
 
 
-# ---------------------------------------------------------------- the cache
+# ---------------------------------------------------------------- the cache, built in parallel
 
 
-def _manifest(cfg: Config, scfg: StreamConfig, loader, tokenizer, split: str, result: Pass) -> dict:
-    return {
-        "format": CACHE_FORMAT,
-        "fingerprint": loader.fingerprint,
-        "split": split,
-        "packing": {k: getattr(scfg, k) for k in PACKING_KEYS} | {"eos_id": loader.opt.eos_id, "pad_id": loader.opt.pad_id},
-        "tokenizer": {"name_or_path": cfg.model.name_or_path, "vocab_size": len(tokenizer)},
-        "emit_doc_ids": scfg.emit_doc_ids,
-        "stream": scfg.model_dump(mode="json"),
-        "rows": result.rows,
-        "stats": result.stats,
-        "stream_state": loader.state_dict(),  # where a run continues streaming after the cached rows
-    }
-
-
-class ShardWriter:
-    """Rows into fixed-size shards of .npy arrays in a temporary sibling folder, renamed into place at the end."""
-
-    def __init__(self, root: Path, shard_rows: int):
-        self.root, self.shard_rows = Path(root), shard_rows
-        self.tmp = self.root.parent / f".{self.root.name}.tmp{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.buf: dict[str, list[np.ndarray]] = {}
-        self.buffered = 0
-        self.shards: list[dict] = []
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for key, arr in batch.items():
-            self.buf.setdefault(key, []).append(arr.astype(DTYPES.get(key, np.int32)))
-        self.buffered += len(next(iter(batch.values())))
-        while self.buffered >= self.shard_rows:
-            self._flush(self.shard_rows)
-
-    def _flush(self, n: int) -> None:
-        name = f"{len(self.shards):05d}"
-        rest = {}
-        for key, parts in self.buf.items():
-            arr = np.concatenate(parts)
-            np.save(self.tmp / f"{name}.{key}.npy", arr[:n])
-            rest[key] = [arr[n:]]
-        self.buf, self.buffered = rest, self.buffered - n
-        self.shards.append({"name": name, "rows": n})
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def finish(self, manifest: dict) -> None:
-        if self.buffered:
-            self._flush(self.buffered)
-        manifest = {**manifest, "keys": sorted(self.buf), "shards": self.shards}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if self.root.is_dir():
-            self.root.rmdir()  # checked empty before the pass
-        os.rename(self.tmp, self.root)
-
-
-class PackedCache:
-    """Rows written by `shardtune preprocess --write`; a map-style dataset (use with a torch DataLoader)."""
-
-    def __init__(self, root: Path, manifest: dict, emit_doc_ids: Optional[bool] = None):
-        self.root, self.manifest = Path(root), manifest
-        self.seq_len = manifest["packing"]["seq_len"]
-        doc_ids = manifest["emit_doc_ids"] if emit_doc_ids is None else emit_doc_ids
-        self.keys = [k for k in manifest["keys"] if k != "doc_ids" or doc_ids]
-        self.starts = np.cumsum([0] + [s["rows"] for s in manifest["shards"]])
-        self._arrays: dict[tuple[int, str], np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": {}}  # DataLoader workers map the files themselves
-
-    def _array(self, shard: int, key: str) -> np.ndarray:
-        arr = self._arrays.get((shard, key))
-        if arr is None:
-            arr = np.load(self.root / f"{self.manifest['shards'][shard]['name']}.{key}.npy", mmap_mode="r")
-            self._arrays[(shard, key)] = arr
-        return arr
-
-    def rows(self, start: int, stop: int) -> dict:
-        """Rows [start, stop) as a batch: dict of LongTensor [stop - start, seq_len]."""
-        import torch
-
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        for shard in range(first, len(self.starts) - 1):
-            lo, hi = self.starts[shard], self.starts[shard + 1]
-            if lo >= stop:
-                break
-            a, b = max(start, lo) - lo, min(stop, hi) - lo
-            for k in self.keys:
-                parts[k].append(self._array(shard, k)[a:b])
-        return {k: torch.from_numpy(np.concatenate(v).astype(np.int64)) for k, v in parts.items()}
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return {k: v[0] for k, v in self.rows(i, i + 1).items()}
-
-    def batches(self, batch_size: int) -> Iterator[dict]:
-        """Consecutive batches in stream order (the last one may be short), like a one-process StreamLoader."""
-        for start in range(0, len(self), batch_size):
-            yield self.rows(start, min(start + batch_size, len(self)))
-
-
-def load_cached(root: str | Path, cfg: Optional[StreamConfig] = None, tokenizer=None, split: str = "train") -> PackedCache:
-    """Open a cache written by `shardtune preprocess --write`; with cfg and tokenizer, check it fits that run."""
-    from shardtune.data.stream import _special_ids, fingerprint
-
-    root = Path(root)
+def builders(processes: int) -> tuple[list[int], int]:
+    """This process's builder ids and the number of builders: P per rank, ranks from RANK/WORLD_SIZE."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise ShardtuneError(f"{root} holds no readable {MANIFEST}; write the cache with `shardtune preprocess CONFIG --write {root}`.") from None
-    if manifest.get("format") != CACHE_FORMAT:
-        raise ShardtuneError(f"{root} holds a cache of format {manifest.get('format')!r}, not {CACHE_FORMAT}; rewrite it with this version's `shardtune preprocess --write`.")
-    missing = [s["name"] for s in manifest["shards"] for k in manifest["keys"] if not (root / f"{s['name']}.{k}.npy").is_file()]
-    if missing:
-        raise ShardtuneError(f"the cache {root} is missing shard {missing[0]}; rewrite it with `shardtune preprocess --write`.")
-    if cfg is not None and tokenizer is not None:
-        eos, pad = _special_ids(cfg, tokenizer)
-        want = {k: getattr(cfg, k) for k in PACKING_KEYS} | {"eos_id": eos, "pad_id": pad}
-        if manifest["fingerprint"] != fingerprint(cfg, split, tokenizer) or manifest["packing"] != want or manifest["split"] != split:
-            raise ShardtuneError(
-                f"the cache {root} was written with other data settings (sources, seed, clean, seq_len, packing or tokenizer) "
-                f"than this run's {split} data; rewrite it with `shardtune preprocess CONFIG --write DIR` or drop the cache."
-            )
-    return PackedCache(root, manifest, cfg.emit_doc_ids if cfg is not None else None)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ShardtuneError("RANK and WORLD_SIZE must be integers when set; unset them to build in one process.") from None
+    if not 0 <= rank < world:
+        raise ShardtuneError(f"RANK {rank} is outside WORLD_SIZE {world}; launch the ranks with 0 <= RANK < WORLD_SIZE.")
+    return [rank * processes + i for i in range(processes)], world * processes
+
+
+def _builder_main(cfg_dict: dict, root: str, split: str, builder: int, total: int, queue) -> None:
+    """One spawned builder process: its share, then (report or error sentence) into the queue."""
+    from shardtune.config import validate
+    from shardtune.data.cache import build
+
+    try:
+        cfg = validate(cfg_dict)
+        queue.put((builder, build(cfg.data, load_tokenizer(cfg), Path(root), split, builder, total), None))
+    except ShardtuneError as exc:
+        queue.put((builder, None, str(exc)))
+
+
+def write_cache(cfg: Config, tokenizer, root: Path, split: str, processes: int, echo: Callable[[str], None]):
+    """Build this process's share(s) of the cache; -> the combined BuildReport."""
+    import multiprocessing
+
+    from shardtune.data.cache import BuildReport, build, finish_if_done
+
+    ids, total = builders(processes)
+    if processes == 1:
+        reports = [build(cfg.data, tokenizer, root, split, ids[0], total)]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked tokenizer threads
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_builder_main, args=(cfg.to_dict(), str(root), split, b, total, queue)) for b in ids]
+        for p in procs:
+            p.start()
+        got = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        errors = [e for _, _, e in got if e]
+        if errors or any(p.exitcode for p in procs):
+            raise ShardtuneError(errors[0] if errors else f"a cache builder process died (exit code {[p.exitcode for p in procs]}); run the command again to resume the build.")
+        reports = [r for _, r, _ in sorted(got, key=lambda g: g[0])]
+    complete = finish_if_done(root) is not None
+    totals: dict = {}
+    for r in reports:
+        for k, v in r.totals.items():
+            totals[k] = totals.get(k, 0) + v
+    report = BuildReport([p for r in reports for p in r.built], sum(r.mine for r in reports), reports[0].total,
+                         max(r.done for r in reports), max(r.seconds for r in reports), complete, totals)
+    echo(format_build(report, root, ids, total))
+    return report
+
+
+def format_build(r, root: Path, ids: list[int], total: int) -> str:
+    t, secs = r.totals, max(r.seconds, 1e-9)
+    who = f"builder {ids[0]}" if len(ids) == 1 else f"builders {ids[0]}-{ids[-1]}"
+    lines = [
+        f"cache {root}: {who} of {total} built {len(r.built)} of its {r.mine} partitions ({r.total} in all) in {r.seconds:.2f} s",
+        f"  built here: {t.get('data/documents', 0):,} documents, {t.get('data/tokens', 0):,} tokens; "
+        f"{t.get('data/documents', 0) / secs:,.1f} docs/s, {t.get('data/tokens', 0) / secs:,.0f} tokens/s",
+        f"  dropped: {_group(t, 'dropped')}",
+        f"  repaired: {_group(t, 'repaired')}",
+        f"  skipped: {_group(t, 'skipped')}",
+    ]
+    if r.complete:
+        lines.append(f"complete: train from it with data.sources: [{{path: {root}, format: packed}}]")
+    else:
+        lines.append(f"not complete yet: {r.done} of {r.total} partitions are built; the other builders finish it, or run this again to resume")
+    return "\n".join(lines)

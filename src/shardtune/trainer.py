@@ -82,7 +82,7 @@ class Trainer:
         self.progress = Progress(self.total, s.is_main, cfg.train.progress_bar, start=self.run.step)
         self.checks = StepChecks(s, cfg.train.save_every_minutes, preemption)
         self.window = Window()
-        self.data_state = self.task.state_dict()
+        self.data_position = None  # the task's position after the last step's batches (taken before the next step's)
         self.first_step = self.run.step
 
     # -------------------------------------------------------------- the run
@@ -148,7 +148,7 @@ class Trainer:
         t1 = clock.now()
         clock.add("forward_backward", t0, t1)
         norm = s.clip_grad_norm(self.cfg.optim.max_grad_norm)
-        self.data_state = task.state_dict()  # after this step's batches, before the next step's
+        self.data_position = task.position()  # after this step's batches, before the next step's
         clock.add("optimizer", t1, clock.now())
         upcoming = self.fetch() if step < self.total else []  # its time is data time
         t2 = clock.now()
@@ -215,7 +215,7 @@ class Trainer:
         self.perf.settle(self.window, self.run)
         s, config = self.strategy, redact(self.cfg.to_dict())
         state = TrainerState(run=self.run, world_size=s.world, strategy=s.name, scheduler=self.scheduler.state_dict(),
-                             data=s.gather_objects(self.data_state), labels=self.task.labels, config=config)
+                             data=s.gather_objects(self.task.state_dict(self.data_position)), labels=self.task.labels, config=config)
         save_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step)
 
     def preempted(self) -> dict:

@@ -1,8 +1,12 @@
 """Text classification data: records -> checked examples -> splits -> batches.
 
-Labels may be strings or integers in the file; they are mapped to ids with a
-label set that is saved with the model. Batches are padded dynamically to a
-multiple of 8 (tensor-core friendly, little waste).
+Records come through the one reader layer (records.py over readers.py): any
+file format the stream reads, a packaged data set, a hub data set, or a
+folder with one subfolder of .txt files per label. Labels may be strings or
+integers in the file; they are mapped to ids with a label set that is saved
+with the model. Batches are padded dynamically to a multiple of 8
+(tensor-core friendly, little waste). DataLoader workers ignore stop signals
+(workers.py): a preemption signal is the rank's to handle.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from shardtune import ShardtuneError
 from shardtune.config import DataConfig
-from shardtune.data.sources import open_records
+from shardtune.data.records import folder_examples, label_folder, open_records
+from shardtune.data.workers import ignore_stop_signals
 
 
 @dataclass
@@ -35,7 +40,12 @@ class Splits:
 
 
 def read_examples(spec: str, cfg: DataConfig, need_label: bool = True) -> list[Example]:
+    folder = label_folder(spec)
+    if folder is not None:
+        return [Example(text, label if need_label else "") for text, label in folder_examples(folder, cfg.labels)]
     path, records = open_records(spec)
+    if not records:
+        raise ShardtuneError(f"data set {path} has no records; point the config at data.")
     columns = records[0][1].keys()
     wanted = [cfg.text_column] + ([cfg.label_column] if need_label else [])
     for col, key in zip(wanted, ["data.text_column", "data.label_column"]):
@@ -44,25 +54,25 @@ def read_examples(spec: str, cfg: DataConfig, need_label: bool = True) -> list[E
                 f"data file {path} has no column {col!r} (it has: {', '.join(map(str, columns))}); set {key} to one of those."
             )
     out = []
-    for line, rec in records:
+    for where, rec in records:
         text = rec.get(cfg.text_column)
         if not isinstance(text, str):
             raise ShardtuneError(
-                f"{path} line {line}: {cfg.text_column!r} holds {text!r} ({type(text).__name__}), not text; "
+                f"{where}: {cfg.text_column!r} holds {text!r} ({type(text).__name__}), not text; "
                 "fix that record or choose another data.text_column."
             )
-        label = _label_str(path, line, rec.get(cfg.label_column)) if need_label else ""
+        label = _label_str(where, rec.get(cfg.label_column)) if need_label else ""
         out.append(Example(text, label))
     return out
 
 
-def _label_str(path: str, line: int, value: Any) -> str:
+def _label_str(where, value: Any) -> str:
     bad = value is None or value == "" or isinstance(value, (list, dict, bool))
     if isinstance(value, float):
         bad = bad or not math.isfinite(value) or not value.is_integer()
         value = int(value) if not bad else value
     if bad:
-        raise ShardtuneError(f"{path} line {line}: label {value!r} is not a class name or integer id; fix that record.")
+        raise ShardtuneError(f"{where}: label {value!r} is not a class name or integer id; fix that record.")
     return str(value)
 
 
@@ -141,4 +151,5 @@ def make_loader(dataset: Encoded, tokenizer, batch_size: int, shuffle: bool, see
         generator=gen,
         collate_fn=PadCollator(tokenizer),
         num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals,
     )

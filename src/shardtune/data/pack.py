@@ -1,21 +1,27 @@
 """Tokenize documents in batches and pack them into fixed-length causal-LM rows.
 
 Each document becomes its pieces' tokens, each piece followed by EOS. Rows of
-exactly seq_len tokens are filled in document order; with split_documents a
-document that does not fit continues in the next row (padding only at the very
-end), without it a piece that does not fit starts a new row (the rest of the
-row is padding; pieces longer than a row are still split).
+exactly seq_len tokens are filled in the slot's document order; with
+split_documents a document that does not fit continues in the next row
+(padding only at the very end), without it a piece that does not fit starts
+a new row (the rest of the row is padding; pieces longer than a row are
+still split). Pretokenized documents (from a packed cache) skip the
+tokenizer and are packed the same way, so the rows are the same.
 
-Resume works at row boundaries: the slot's state after a row names the
-document being packed and how many of its tokens are out (`offset`), so a
-resumed slot re-tokenizes that one document and continues from the offset.
-Tokenization has no cross-document effects, so batching it (lookahead) changes
-nothing in the output.
+Resume works at row boundaries: the position after a row names the document
+being packed and how many of its tokens are out (the carried-over tokens),
+so a resumed slot re-reads and re-tokenizes that one document and continues
+from the offset. Tokenization has no cross-document effects, so batching it
+(lookahead) changes nothing in the output.
 
-Row bookkeeping per token: the document's global index (`doc_ids`, -1 on
-padding) and, with doc_positions, position ids that restart at 0 at each
-piece start and at each row start; the first token of a piece then gets label
--100 (it cannot be predicted without seeing the previous document).
+Row bookkeeping per token: the document's id (`doc_ids`, -1 on padding) and,
+with doc_positions, position ids that restart at 0 at each piece start and at
+each row start; the first token of a piece then gets label -100 (it cannot
+be predicted without seeing the previous document).
+
+Counts: a document's counts (drops, repairs, bad records met before it, and
+data/documents, data/source<i>/documents, data/response_tokens for a kept
+one) are added when its first token is packed, or at once when it has none.
 """
 
 from __future__ import annotations
@@ -57,20 +63,42 @@ class TokDoc:
 TOKENIZE_CHARS = 1 << 15
 
 
-def tokenize_documents(docs: Iterator[Doc], tokenizer, eos_id: int, batch_docs: int) -> Iterator[TokDoc]:
-    """Documents with their tokens, tokenizing up to `batch_docs` documents (and TOKENIZE_CHARS) per call."""
+def finish(td: TokDoc) -> TokDoc:
+    """Add the counts of a kept document (one with tokens): documents, per source, response tokens (SFT)."""
+    if td.ids:
+        c = td.doc.counts
+        for key in ("data/documents", f"data/source{td.doc.source}/documents"):
+            c[key] = c.get(key, 0) + 1
+        if td.labels is not None:
+            c["data/response_tokens"] = c.get("data/response_tokens", 0) + sum(x != IGNORE for x in td.labels)
+    return td
+
+
+def pretokenized(doc: Doc) -> TokDoc:
+    ids, starts, labels = doc.tokens[:3]
+    return finish(TokDoc(doc, ids, starts, labels))
+
+
+def tokenize_documents(docs: Iterator[Doc], tokenizer, eos_id: int, batch_docs: int, finished: bool = True) -> Iterator[TokDoc]:
+    """Documents with their tokens, tokenizing up to `batch_docs` documents (and TOKENIZE_CHARS) per call.
+    finished=False leaves out the kept-document counts (finish): what the cache stores."""
     buf: list[Doc] = []
     chars = 0
     for doc in docs:
+        if doc.tokens is not None:
+            yield from _tokenize(buf, tokenizer, eos_id, finished)
+            buf, chars = [], 0
+            yield pretokenized(doc)
+            continue
         buf.append(doc)
         chars += sum(map(len, doc.pieces or ()))
         if len(buf) >= batch_docs or chars >= TOKENIZE_CHARS or doc.end:
-            yield from _tokenize(buf, tokenizer, eos_id)
+            yield from _tokenize(buf, tokenizer, eos_id, finished)
             buf, chars = [], 0
-    yield from _tokenize(buf, tokenizer, eos_id)
+    yield from _tokenize(buf, tokenizer, eos_id, finished)
 
 
-def _tokenize(buf: list[Doc], tokenizer, eos_id: int) -> Iterator[TokDoc]:
+def _tokenize(buf: list[Doc], tokenizer, eos_id: int, finished: bool) -> Iterator[TokDoc]:
     texts = [p for d in buf if d.pieces for p in d.pieces]
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []
     k = 0
@@ -82,7 +110,8 @@ def _tokenize(buf: list[Doc], tokenizer, eos_id: int) -> Iterator[TokDoc]:
             ids.extend(enc[k])
             ids.append(eos_id)
             k += 1
-        yield TokDoc(doc, ids, starts)
+        td = TokDoc(doc, ids, starts)
+        yield finish(td) if finished else td
 
 
 class _Row:
@@ -101,7 +130,7 @@ class _Row:
         base = len(self.ids)
         self.ids.extend(td.ids[off:end])
         self.labels.extend((td.labels if td.labels is not None else td.ids)[off:end])
-        self.docs.extend([td.doc.g] * take)
+        self.docs.extend([td.doc.key] * take)
         if not doc_positions:
             return
         cuts = td.starts[bisect.bisect_left(td.starts, off) : bisect.bisect_left(td.starts, end)]
@@ -121,14 +150,13 @@ class _Row:
         return self.ids + [opt.pad_id] * pad, labels, self.docs + [-1] * pad, pos
 
 
-def _state(td: TokDoc, off: int, counts: Counts) -> dict:
-    doc = td.doc
-    pending = ([[doc.g, off]] if off < len(td.ids) else []) + doc.pending_after
-    return {"cursor": doc.cursor_after, "pending": pending, "replay": doc.replay, "counts": dict(counts)}
+def _position(td: TokDoc, off: int, counts: Counts) -> tuple:
+    """Where the slot is after a row: (document being packed, tokens of it out or None when it is done, counts)."""
+    return (td.doc, off if off < len(td.ids) else None, dict(counts))
 
 
 def pack_rows(tokdocs: Iterator[TokDoc], opt: PackOptions, counts: Counts) -> Iterator[tuple[Optional[tuple], dict]]:
-    """(row, slot state after it) for each row, then (None, final state) once the documents end.
+    """(row, position after it) for each row, then (None, final position) once the documents end.
 
     `counts` starts as the slot's saved counts and accumulates document and row counts.
     """
@@ -141,7 +169,7 @@ def pack_rows(tokdocs: Iterator[TokDoc], opt: PackOptions, counts: Counts) -> It
         add_counts(counts, {"data/sequences": 1, "data/tokens": len(row), "data/padding": L - len(row)})
         out = row.finish(opt)
         row = _Row()
-        return out, _state(td, off, counts)
+        return out, _position(td, off, counts)
 
     for td in tokdocs:
         off, n = td.doc.offset, len(td.ids)
@@ -170,7 +198,7 @@ def pack_rows(tokdocs: Iterator[TokDoc], opt: PackOptions, counts: Counts) -> It
         return
     if len(row):
         yield emit(td, len(td.ids))
-    yield None, _state(td, len(td.ids), counts)
+    yield None, _position(td, len(td.ids), counts)
 
 
 def _long(rows) -> torch.Tensor:
@@ -193,10 +221,10 @@ def collate(rows: list[tuple], opt: PackOptions) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_batches(rows: Iterator[tuple[Optional[tuple], dict]], batch_size: int, opt: PackOptions) -> Iterator[tuple[Optional[dict], dict]]:
-    """(batch, state after it); a last (None, state) only when the final state follows no batch."""
+def make_batches(rows: Iterator[tuple[Optional[tuple], tuple]], batch_size: int, opt: PackOptions) -> Iterator[tuple[Optional[dict], tuple]]:
+    """(batch, position after it); a last (None, position) only when the final one follows no batch."""
     buf: list[tuple] = []
-    for row, state in rows:
+    for row, state in rows:  # state: a position (see _position)
         if row is not None:
             buf.append(row)
             if len(buf) < batch_size:

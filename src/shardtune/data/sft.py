@@ -1,9 +1,11 @@
 """SFT shaping: chat / prompt-response records -> token ids + labels that train on responses only.
 
 One record is one example is one document of the stream (docstream.py), so
-sharding, shuffling, hold-out and the resumable state are the document-level
-machinery unchanged; the reader hands over the whole record as JSON text
-(readers.py, record mode) and this module parses, renders and tokenizes it.
+partitioning, shuffling, hold-out and the resumable state are the
+document-level machinery unchanged; the reader hands over the whole record
+as JSON text (readers.field_text with no field) and this module parses,
+renders and tokenizes it. Records come from jsonl/json, csv/tsv (columns as
+fields), parquet or hub data sets.
 
 Records (per `data.sft.format`; auto decides per record by which field it has):
     chat              {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
@@ -29,8 +31,8 @@ spans (incl. their EOS / end-of-turn) and IGNORE everywhere else (system and
 user turns, template text). Turns after the last assistant turn are dropped
 (nothing would learn from them).
 
-Drops (counted as `data/dropped/<reason>`, the example then counts as no
-document): bad_message (no messages list / prompt-response fields, or a turn
+Drops (counted as `data/dropped/<reason>`; a dropped example has no tokens,
+so it counts as no document, pack.finish): bad_message (no messages list / prompt-response fields, or a turn
 without a known role or text content), no_assistant, empty_response,
 too_long (longer than seq_len with too_long: drop, or with truncate when not
 one response token is left). too_long: truncate cuts the tail and counts
@@ -46,7 +48,7 @@ from typing import Any, Iterator, Optional
 from shardtune.config import CleanConfig, SftConfig
 from shardtune.data.clean import Counts, normalize
 from shardtune.data.docstream import Doc
-from shardtune.data.pack import IGNORE, PackOptions, TokDoc
+from shardtune.data.pack import IGNORE, PackOptions, TokDoc, finish, pretokenized
 
 ROLES = ("system", "user", "assistant")
 FALLBACK_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
@@ -168,27 +170,28 @@ def shape_example(text: str, tokenizer, sft: SftConfig, clean: CleanConfig, opt:
 
 
 def _dropped(doc: Doc, reason: str) -> TokDoc:
-    doc.counts = {k: v for k, v in doc.counts.items() if not k.endswith("/documents")}
     doc.counts[f"data/dropped/{reason}"] = doc.counts.get(f"data/dropped/{reason}", 0) + 1
     return TokDoc(doc, [], [])
 
 
+def shape_document(doc: Doc, tokenizer, sft: SftConfig, clean: CleanConfig, opt: PackOptions) -> TokDoc:
+    """One example's TokDoc (one piece, with labels; empty when dropped), its shaping counts in doc.counts."""
+    if not doc.pieces:  # dropped by the clean stage, or the end marker
+        return TokDoc(doc, [], [])
+    counts: Counts = {}
+    try:
+        ids, labels = shape_example(doc.pieces[0], tokenizer, sft, clean, opt, counts)
+    except Drop as exc:
+        return _dropped(doc, exc.args[0])
+    for key, n in counts.items():
+        doc.counts[key] = doc.counts.get(key, 0) + n
+    return TokDoc(doc, ids, [0], labels)
+
+
 def tokenize_examples(docs: Iterator[Doc], tokenizer, sft: SftConfig, clean: CleanConfig, opt: PackOptions) -> Iterator[TokDoc]:
-    """The SFT counterpart of pack.tokenize_documents: one TokDoc (one piece, with labels) per example."""
+    """The SFT counterpart of pack.tokenize_documents (pretokenized documents pass through)."""
     for doc in docs:
-        if not doc.pieces:  # dropped by the clean stage, or the end marker
-            yield TokDoc(doc, [], [])
-            continue
-        counts: Counts = {}
-        try:
-            ids, labels = shape_example(doc.pieces[0], tokenizer, sft, clean, opt, counts)
-        except Drop as exc:
-            yield _dropped(doc, exc.args[0])
-            continue
-        for key, n in counts.items():
-            doc.counts[key] = doc.counts.get(key, 0) + n
-        doc.counts["data/response_tokens"] = sum(x != IGNORE for x in labels)
-        yield TokDoc(doc, ids, [0], labels)
+        yield pretokenized(doc) if doc.tokens is not None else finish(shape_document(doc, tokenizer, sft, clean, opt))
 
 
 def example_ids(record: dict, tokenizer, sft: Optional[SftConfig] = None, eos_id: Optional[int] = None) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""Streaming preprocessing for causal-LM training: sources -> clean -> tokenize -> pack -> shard, resumable exactly.
+"""Streaming preprocessing for causal-LM training: partitions -> clean -> tokenize -> pack -> batches, resumable exactly.
 
 Public API
 ----------
@@ -7,191 +7,175 @@ StreamLoader(cfg, tokenizer, *, split="train", rank=0, world_size=1, num_workers
              batch_size=8, state=None, sync=None, uneven=None)
     for batch in loader      dicts of LongTensor [batch_size, seq_len]: input_ids, labels (-100 on
                              padding), attention_mask, or position_ids instead with doc_positions;
-                             doc_ids (global document index per token, -1 on padding) with emit_doc_ids
-    loader.state_dict()      this rank's part of the state; JSON-serializable, small
+                             doc_ids (document id per token, -1 on padding) with emit_doc_ids
+    loader.state_dict()      this rank's part of the state; JSON-serializable, no collective
+    loader.snapshot()        a cheap handle on the position now; state_dict(snapshot) later
     loader.stats()           counts for this rank's consumed batches ("data/dropped/empty", ...)
     loader.peek(), .next()   step-wise consumption without sync (what lockstep uses)
-merge_states(parts)          the whole state from every rank's state_dict() (all-gather them at save)
+    loader.last_slot         the slot the batch last returned came from (tests, tools)
+    loader.endless           the train stream repeats its sources without end
+merge_states(parts)          the whole state from every rank's state_dict()
 lockstep(loaders, uneven)    drive several ranks' loaders in one process (tests, tools)
-preview(cfg, tokenizer, n)   -> (first n packed rows as dicts, stats); `shardtune preprocess`
-                             (preprocess.py) streams once itself, to time it and write a cache
+preview(cfg, tokenizer, n)   -> (first n packed rows as dicts, stats)
 
-Rank and world size are arguments; nothing here reads RANK/LOCAL_RANK/SLURM_*.
-Do not pass the loader through accelerator.prepare (it would shard again);
-move batches to the device in the loop.
+Rank and world size are arguments; nothing here reads RANK/LOCAL_RANK/SLURM_*
+or makes a collective. Do not pass the loader through accelerator.prepare
+(it would shard again); move batches to the device in the loop.
 
-Sharding. The documents of a split have a global index g in a fixed order
-(docstream.py). A slot is one (rank, worker): slot = rank * W + worker with
-W = max(1, num_workers). Slots own g round-robin from the partition base:
-(g - base) % (world_size * W) == slot. Every slot reads every record (that
-keeps positions global), and cleans, tokenizes and packs only its own. Each
-worker yields whole batches of its slot; a rank's batches come from its
-workers in turn (DataLoader order), starting with the worker after the one
-consumed last.
+Slots. A slot is one (rank, worker): slot = rank * W + worker with
+W = max(1, num_workers), S = world_size * W. The sources' fixed partition
+table (partitions.py) is dealt to the S slots; each slot reads, cleans,
+tokenizes and packs only its own partitions (docstream.py). The rows a slot
+produces depend only on (slot, S) and the data settings, not on how slots
+map to ranks and workers: 1 rank x 2 workers and 2 ranks x 0 workers give
+the same rows per slot. With one slot per rank a worker yields whole
+batches; with several, each worker yields single rows, which the rank takes
+from its workers in turn (DataLoader order, starting with the worker after
+the one consumed last) and stacks into batches. So the rows of a step are
+the same whatever the step's split into micro-batches and ranks, as long as
+S is: 1 rank x 2 workers x (1 x 8), the same x (4 x 2) and 2 ranks x 0
+workers x (2 x 2) train on the same rows.
+
+Iteration. Train split, sync=None: the rank yields its batches until it has
+no more, then stops (StopIteration); no collective. The trainer agrees on
+"every rank still has data" in its own per-step collective; to lose
+nothing when it stops there, save the state_dict(snapshot) taken before the
+step's micro-batches. With sync (a function that all-gathers each rank's
+"I have a batch" flag: sync(has: bool) -> list[bool]) the loader agrees per
+batch: uneven "stop" (train default) steps only while every rank has a
+batch; "pad" (validation default) steps until all have run out, giving a
+rank with nothing left a batch of pure padding (every label -100). The
+validation split with world_size > 1 needs sync. With on_source_end: repeat
+and no max_documents the train stream never ends.
 
 State (JSON):
-    {"format": "shardtune.stream/1", "fingerprint": <hash of the stream-defining config>,
-     "split": "train", "world_size": 2, "workers": 2, "base": 0,
+    {"format": "shardtune.stream/2", "settings": {"data.seed": 0, ...}, "table": <partition table hash>,
+     "split": "train", "world_size": 2, "workers": 2,
      "ranks": {"<rank>": {"rotation": <worker whose batch comes next>}},
-     "slots": {"<slot>": {"cursor": g, "pending": [[g, token_offset], ...],
-                          "replay": <snapshot of the block to re-read from> | null,
-                          "counts": {"data/tokens": ..., ...}}}}
-A slot's not-yet-consumed documents are its `pending` ones (the first may be
-partly emitted: continue at token_offset) and every g >= cursor it owns.
-`replay` is the start of a shuffle block (draw counter, source file/offset
-positions, train index) at or before the earliest of them. The state tracks
-consumed batches only: items prefetched by workers do not move it.
-Resuming with the same world size and workers continues each slot exactly.
-With different ones (merge_states of all ranks first) the old slots' unread
-own documents up to the furthest cursor join `pending`, all pending documents
-are dealt round-robin to the new slots, and the stream after that cursor is
-partitioned anew: every document is emitted exactly once across the runs.
-Exact dedup (clean.dedup) keeps a hash per document and rebuilds the set on
-resume by re-reading the split from its start, in every slot.
-
-Equal batches across ranks (uneven=): the loader needs `sync`, a function
-that all-gathers each rank's "I have a batch" flag: sync(has: bool) ->
-list[bool] (e.g. torch.distributed.all_gather of a one-element tensor, from
-dist.py). "stop" (train default): a step happens only when every rank has a
-batch, so all ranks stop together when the first rank runs out (a rank runs
-out when all its workers have); the rest stays in the state, unconsumed, and
-can be finished by resuming on fewer ranks. "pad" (validation default): ranks
-step until all have run out; a rank with nothing left gets a batch of pure
-padding (every label -100), so weight losses by label count. With
-on_source_end: repeat the train stream never ends. Without sync, iterating
-with world_size > 1 over a finite stream is refused. Inside a rank, workers
-may end at different times: the DataLoader skips finished ones.
-
-Cost: every slot reads and parses every record (so bad records never take an
-index, on any rank); cleaning, tokenization and packing, the expensive part,
-are done once per document (clean.dedup: every slot also cleans and hashes
-every record). With S = world_size * W slots, reading/parsing
-work is S times the data; for very many slots over very large corpora,
-file-level sharding would be the next step.
+     "slots": {"<slot>": {"draw": d, "quota": q | null, "ended": false, "counts": {...},
+                          "sources": [{"parts": [pid, ...], "cur": i,
+                                       "states": {"<pid>": [pos, rec, taken, offset, epoch, done]}}]}}}
+per source the slot's partitions in reading order, the current one, and the
+state of every partition not at its start (docstream.PState). It tracks
+consumed batches only: batches prefetched by workers do not move it.
+Resuming with the same S continues each slot exactly (bit for bit; the
+same world size and workers keep the rotation too): a slot re-reads at most
+its current shuffle block, or one document, per source, never the stream
+before it (with clean.dedup: the open partitions before their position,
+docstream.py). With another S (merge_states of every rank first) every
+partition keeps its state and the partitions are dealt anew by the bytes
+they have left: every document is read exactly once across the runs. Done
+partitions leave the state unless the stream repeats.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardtune import ShardtuneError
 from shardtune.config import CleanConfig, SourceSpec, StreamConfig  # noqa: F401  (defined with the config tree)
 from shardtune.data.clean import add_counts
-from shardtune.data.docstream import UNSHUFFLED_BLOCK, DocStream, SplitPlan, plan_holdout, slot_documents
+from shardtune.data.docstream import PState, SlotStream, fresh_slot
 from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch, tokenize_documents
-from shardtune.data.readers import check_source
+from shardtune.data.partitions import deal
+from shardtune.data.plan import SplitPlan, build_plan, first_difference, stream_settings
 from shardtune.data.sft import tokenize_examples
+from shardtune.data.workers import ignore_stop_signals
 
 __all__ = ["StreamConfig", "SourceSpec", "CleanConfig", "StreamLoader", "merge_states", "lockstep", "preview"]
 
-FORMAT = "shardtune.stream/1"
+FORMAT = "shardtune.stream/2"
 Sync = Callable[[bool], Sequence[bool]]
 
 
-
-# ---------------------------------------------------------------- plan and state
-
-
-def build_plan(cfg: StreamConfig, split: str) -> SplitPlan:
-    """Resolve and check the sources of a split (fails at once on unusable ones)."""
-    if split not in ("train", "validation"):
-        raise ShardtuneError(f"unknown data split {split!r}; use train or validation.")
-    rec = cfg.sft is not None  # SFT reads whole records (one example = one document)
-    if split == "validation" and cfg.validation_sources:
-        files = [check_source(s, cfg.max_record_bytes, rec) for s in cfg.validation_sources]
-        return SplitPlan("validation", cfg.validation_sources, files, on_end="drop", record=rec)
-    if split == "validation" and not cfg.holdout:
-        raise ShardtuneError("there is no validation data; set validation_sources or holdout in the stream config.")
-    files = [check_source(s, cfg.max_record_bytes, rec) for s in cfg.sources]
-    held, ordinals, pool, hashes = plan_holdout(cfg, files) if cfg.holdout else (frozenset(), [], 0, frozenset())
-    if split == "validation":
-        return SplitPlan("validation", cfg.sources, files, held, [], pool, from_holdout=True, on_end=cfg.on_source_end, record=rec)
-    return SplitPlan(
-        "train", cfg.sources, files, held, ordinals, pool, hashes, limit=cfg.max_documents,
-        block=cfg.shuffle_block or UNSHUFFLED_BLOCK, shuffle=bool(cfg.shuffle_block), on_end=cfg.on_source_end, record=rec,
-    )
+# ---------------------------------------------------------------- the deal of partitions to slots
 
 
-def fingerprint(cfg: StreamConfig, split: str, tokenizer) -> str:
-    """What the global document order and token offsets depend on (not seq_len, batch size, workers)."""
-    keys = {"sources", "validation_sources", "holdout", "seed", "shuffle_block", "on_source_end", "max_documents", "max_record_bytes", "clean", "eos_token_id"}
-    if cfg.sft is not None:  # SFT examples are never split, so offsets depend on seq_len (too_long) too
-        keys |= {"sft", "seq_len"}
-    data = {"cfg": cfg.model_dump(mode="json", include=keys), "split": split, "vocab": len(tokenizer)}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def _quota(total: Optional[int], num_slots: int, j: int) -> Optional[int]:
+    return None if total is None else total // num_slots + (1 if j < total % num_slots else 0)
 
 
-def _fresh_slot() -> dict:
-    return {"cursor": 0, "pending": [], "replay": None, "counts": {}}
+def _slots_from(plan: SplitPlan, pids: list[list[int]], states: dict[int, PState], quota: Optional[int]) -> dict[str, dict]:
+    out = {}
+    for j, mine in enumerate(pids):
+        slot = fresh_slot([[p for p in mine if plan.parts[p].source == i] for i in range(plan.num_sources)], _quota(quota, len(pids), j))
+        for src in slot["sources"]:
+            started = lambda p: p in states and not states[p].done  # noqa: E731
+            key = lambda p: (states[p].epoch + states[p].done if p in states else 0, not started(p), p)  # noqa: E731
+            src["parts"] = sorted(src["parts"], key=key)
+            src["states"] = {str(p): states[p].to_json() for p in src["parts"] if p in states}
+        out[str(j)] = {**slot, "counts": {}}
+    return out
+
+
+def fresh_slots(plan: SplitPlan, num_slots: int) -> dict[str, dict]:
+    return _slots_from(plan, deal([(p.pid, p.source, p.size) for p in plan.parts], num_slots), {}, plan.quota)
+
+
+def reshard(state: dict, plan: SplitPlan, num_slots: int) -> dict[str, dict]:
+    """Deal every partition of a complete state anew onto num_slots slots, each keeping its state."""
+    states: dict[int, PState] = {}
+    quota, counts = None, {}
+    for st in state["slots"].values():
+        quota = None if st["quota"] is None else (quota or 0) + st["quota"]
+        add_counts(counts, st["counts"])
+        for src in st["sources"]:
+            for j, pid in enumerate(src["parts"]):
+                raw = src["states"].get(str(pid))
+                if raw is not None:
+                    states[pid] = PState.from_json(raw)
+    repeat = plan.on_end == "repeat"
+    live = [pid for st in state["slots"].values() for src in st["sources"] for pid in src["parts"] if repeat or not (pid in states and states[pid].done)]
+    weight = lambda p: plan.parts[p].size if p not in states or states[p].done else plan.parts[p].remaining(states[p].pos)  # noqa: E731
+    slots = _slots_from(plan, deal([(p, plan.parts[p].source, weight(p)) for p in live], num_slots), states, quota)
+    slots["0"]["counts"] = counts
+    return slots
 
 
 def merge_states(parts: Sequence[dict] | dict) -> dict:
-    """Combine every rank's state_dict() into the whole state (needed to resume on another world size)."""
+    """Combine every rank's state_dict() into the whole state (needed to resume on another layout)."""
     parts = [parts] if isinstance(parts, dict) else list(parts)
     if not parts:
         raise ShardtuneError("merge_states needs at least one rank's data state.")
     head = parts[0]
     out = {**copy.deepcopy(head), "ranks": {}, "slots": {}}
     for p in parts:
-        if any(p.get(k) != head.get(k) for k in ("format", "fingerprint", "split", "world_size", "workers", "base")):
+        if any(p.get(k) != head.get(k) for k in ("format", "settings", "table", "split", "world_size", "workers")):
             raise ShardtuneError("the data states to merge come from different runs or layouts; pass the states saved at one step.")
         out["ranks"].update(copy.deepcopy(p["ranks"]))
         out["slots"].update(copy.deepcopy(p["slots"]))
     return out
 
 
-def _replay_key(snap: Optional[dict]) -> int:
-    return -1 if snap is None else snap["t"]
-
-
-def reshard(state: dict, num_slots: int) -> tuple[int, dict]:
-    """Re-partition a complete state onto num_slots slots -> (new base, slot states)."""
-    old_n = state["world_size"] * state["workers"]
-    base = state["base"]
-    slots = [state["slots"][str(s)] for s in range(old_n)]
-    new_base = max(s["cursor"] for s in slots)
-    pending: list[tuple[int, int]] = []
-    for s, st in enumerate(slots):
-        pending += [tuple(p) for p in st["pending"]]
-        first = st["cursor"] + (base + s - st["cursor"]) % old_n  # next g this slot owns
-        pending += [(g, 0) for g in range(first, new_base, old_n)]
-    pending.sort()
-    replay = min((st["replay"] for st in slots), key=_replay_key)
-    counts: dict = {}
-    for st in slots:
-        add_counts(counts, st["counts"])
-    new = {
-        str(j): {"cursor": new_base, "pending": [list(p) for p in pending[j::num_slots]], "replay": replay, "counts": counts if j == 0 else {}}
-        for j in range(num_slots)
-    }
-    return new_base, new
-
-
-def _start(state: Optional[dict], fp: str, split: str, world: int, per_rank: int, rank: int) -> tuple[int, dict, int]:
-    """-> (base, this rank's slot states, rotation) from a saved state or fresh."""
+def _start(state, settings: dict, plan: SplitPlan, world: int, per_rank: int, rank: int) -> tuple[dict, int]:
+    """-> (this rank's slot states, rotation) from a saved state or fresh."""
     mine = [str(rank * per_rank + w) for w in range(per_rank)]
+    num_slots = world * per_rank
     if state is None:
-        return 0, {s: _fresh_slot() for s in mine}, 0
+        slots = fresh_slots(plan, num_slots)
+        return {s: slots[s] for s in mine}, 0
     state = merge_states(state) if not isinstance(state, dict) else state
     if state.get("format") != FORMAT:
         raise ShardtuneError(f"the data state has format {state.get('format')!r}, not {FORMAT}; it was not saved by this version's StreamLoader.")
-    if state["split"] != split or state["fingerprint"] != fp:
-        raise ShardtuneError("the data state was saved with different data settings (sources, seed, shuffle, clean, tokenizer); resume with the same ones or start fresh.")
-    if state["world_size"] == world and state["workers"] == per_rank and all(s in state["slots"] for s in mine):
-        rotation = state["ranks"].get(str(rank), {}).get("rotation", 0)
-        return state["base"], {s: copy.deepcopy(state["slots"][s]) for s in mine}, rotation
-    if len(state["slots"]) != state["world_size"] * state["workers"]:
-        raise ShardtuneError(
-            f"the data state holds {len(state['slots'])} of {state['world_size'] * state['workers']} slots; "
-            "pass merge_states() of every rank's state to resume on another layout."
-        )
-    base, slots = reshard(state, world * per_rank)
-    return base, {s: slots[s] for s in mine}, 0
+    diff = first_difference(state["settings"], settings)
+    if diff:
+        raise ShardtuneError(f"the data state was saved with different data settings ({diff}); resume with the same ones or start fresh.")
+    if state["table"] != plan.table:
+        raise ShardtuneError("the data state was saved over other source files (a file was added, removed or changed size); resume with the same files or start fresh.")
+    old = state["world_size"] * state["workers"]
+    if old == num_slots and all(s in state["slots"] for s in mine):
+        same_layout = (state["world_size"], state["workers"]) == (world, per_rank)
+        rotation = state["ranks"].get(str(rank), {}).get("rotation", 0) if same_layout else 0
+        return {s: copy.deepcopy(state["slots"][s]) for s in mine}, rotation
+    if len(state["slots"]) != old:
+        raise ShardtuneError(f"the data state holds {len(state['slots'])} of {old} slots; pass merge_states() of every rank's state to resume on another layout.")
+    slots = reshard(state, plan, num_slots)
+    return {s: slots[s] for s in mine}, 0
 
 
 # ---------------------------------------------------------------- worker side
@@ -206,8 +190,9 @@ class _SlotDataset(IterableDataset):
 
     def __init__(self, loader: "StreamLoader"):
         self.cfg, self.plan, self.tokenizer, self.opt = loader.cfg, loader.plan, loader.tokenizer, loader.opt
-        self.rank, self.per_rank, self.num_slots, self.base = loader.rank, loader.per_rank, loader.num_slots, loader.base
-        self.slots, self.rotation, self.batch_size = copy.deepcopy(loader.slots), loader.rotation, loader.batch_size
+        self.rank, self.per_rank, self.num_slots = loader.rank, loader.per_rank, loader.num_slots
+        self.slots, self.rotation = copy.deepcopy(loader.slots), loader.rotation
+        self.batch_size = loader.batch_size if loader.per_rank == 1 else 1  # several workers: rows, stacked by the rank
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -222,23 +207,21 @@ class _SlotDataset(IterableDataset):
 
     def _batches(self, slot: int):
         sstate = self.slots[str(slot)]
-        stream = DocStream(self.plan, self.cfg.seed, self.cfg.on_bad_record, self.cfg.max_record_bytes)
-        sft = self.cfg.sft
-        # SFT documents are JSON records: never split them by characters (cleaning applies to each turn's text instead).
-        clean = self.cfg.clean.model_copy(update={"max_chars": None}) if sft else self.cfg.clean
-        docs = slot_documents(stream, clean, self.num_slots, slot, self.base, sstate)
-        if sft:
-            toks = tokenize_examples(docs, self.tokenizer, sft, self.cfg.clean, self.opt)
+        stream = SlotStream(self.plan, slot, self.num_slots, sstate)
+        docs = stream.documents()
+        if self.cfg.sft is not None:
+            toks = tokenize_examples(docs, self.tokenizer, self.cfg.sft, self.cfg.clean, self.opt)
         else:
             toks = tokenize_documents(docs, self.tokenizer, self.opt.eos_id, self.cfg.tokenize_batch)
-        rows = pack_rows(toks, self.opt, dict(sstate["counts"]))
-        return make_batches(rows, self.batch_size, self.opt)
+        for batch, (doc, off, counts) in make_batches(pack_rows(toks, self.opt, dict(sstate["counts"])), self.batch_size, self.opt):
+            state = stream.state_json(doc.after) if off is None else stream.state_json(doc.mark[0], (*doc.mark[1:], off))
+            yield batch, {**state, "counts": counts}
 
 
 # ---------------------------------------------------------------- main-process side
 
 
-def _special_ids(cfg: StreamConfig, tokenizer) -> tuple[int, int]:
+def special_ids(cfg: StreamConfig, tokenizer) -> tuple[int, int]:
     eos = cfg.eos_token_id
     for name in ("eos_token_id", "sep_token_id"):
         eos = eos if eos is not None else getattr(tokenizer, name, None)
@@ -273,13 +256,13 @@ class StreamLoader:
         self.sync, self.uneven = sync, uneven
         self.per_rank = max(1, num_workers)
         self.num_slots = world_size * self.per_rank
-        self.plan = build_plan(cfg, split)
-        self.endless = self.plan.name == "train" and self.plan.on_end == "repeat" and self.plan.limit is None
-        eos, pad = _special_ids(cfg, tokenizer)
+        eos, pad = special_ids(cfg, tokenizer)
+        self.plan = build_plan(cfg, split, tokenizer)
+        self.endless = self.plan.name == "train" and self.plan.on_end == "repeat" and self.plan.quota is None
         split_docs = cfg.split_documents and cfg.sft is None  # an SFT example never crosses a row boundary
         self.opt = PackOptions(cfg.seq_len, eos, pad, split_docs, cfg.doc_positions, cfg.emit_doc_ids)
-        self.fingerprint = fingerprint(cfg, split, tokenizer)
-        self.base, self.slots, self.rotation = _start(state, self.fingerprint, split, world_size, self.per_rank, rank)
+        self.settings = stream_settings(cfg, split, tokenizer)
+        self.slots, self.rotation = _start(state, self.settings, self.plan, world_size, self.per_rank, rank)
         self._reset()
 
     # -- consumption
@@ -287,16 +270,18 @@ class StreamLoader:
         self._it: Optional[Iterator] = None
         self._peeked: Optional[tuple] = None
         self._exhausted = False
+        self.last_slot: Optional[int] = None
 
     def _apply(self, slot: int, state: dict) -> None:
-        self.slots[str(slot)] = state
+        self.slots = {**self.slots, str(slot): state}  # a new dict: snapshots keep the old one
         self.rotation = (slot - self.rank * self.per_rank + 1) % self.per_rank
 
     def peek(self) -> Optional[dict]:
         """The next batch without consuming it (None when this rank has no more)."""
         while self._peeked is None and not self._exhausted:
             if self._it is None:
-                dl = DataLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough)
+                dl = DataLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
+                                worker_init_fn=ignore_stop_signals)
                 self._it = iter(dl)
             item = next(self._it, None)
             if item is None:
@@ -314,37 +299,44 @@ class StreamLoader:
         """Consume and return the next batch; the state now includes it."""
         if self.peek() is None:
             raise StopIteration
-        _, slot, batch, state = self._peeked
-        self._apply(slot, state)
-        self._peeked = None
-        return batch
+        parts = []
+        while self.peek() is not None and (not parts or self.per_rank > 1 and len(parts) < self.batch_size):
+            _, slot, batch, state = self._peeked
+            self._apply(slot, state)
+            self._peeked, self.last_slot = None, slot
+            parts.append(batch)
+        return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def pad_batch(self) -> dict:
         return pad_batch(self.batch_size, self.opt)
 
     def __iter__(self) -> Iterator[dict]:
-        """Continue from the consumed state; ranks step together through `sync` (see the module docstring)."""
+        """Continue from the consumed state (see the module docstring for sync and uneven)."""
         self._reset()
-        if self.world_size > 1 and self.sync is None and not self.endless and self.split != "train":
-            raise ShardtuneError("with world_size > 1 the validation loader needs sync= (an all-gather of has-a-batch flags) so that all ranks stop together.")
-        if self.sync is None:  # this rank's batches until it runs out: the Trainer agrees across ranks in its per-step collective
+        if self.sync is None:
+            if self.world_size > 1 and self.split != "train":
+                raise ShardtuneError("the validation stream with world_size > 1 needs sync= (an all-gather of has-a-batch flags) so that all ranks stop together.")
             while self.peek() is not None:
                 yield self.next()
             return
         while True:
             has = self.peek() is not None
-            flags = list(self.sync(has)) if self.sync is not None else [has]
-            action = decide(has, flags, self.uneven)
+            action = decide(has, list(self.sync(has)), self.uneven)
             if action == "stop":
                 return
             yield self.next() if action == "batch" else self.pad_batch()
 
     # -- state and metrics
-    def state_dict(self) -> dict:
+    def snapshot(self) -> tuple:
+        """The position now, cheaply (slot states are replaced, never changed): pass it to state_dict() later."""
+        return (self.slots, self.rotation)
+
+    def state_dict(self, snapshot: Optional[tuple] = None) -> dict:
+        slots, rotation = snapshot or self.snapshot()
         state = {
-            "format": FORMAT, "fingerprint": self.fingerprint, "split": self.split,
-            "world_size": self.world_size, "workers": self.per_rank, "base": self.base,
-            "ranks": {str(self.rank): {"rotation": self.rotation}}, "slots": self.slots,
+            "format": FORMAT, "settings": self.settings, "table": self.plan.table, "split": self.split,
+            "world_size": self.world_size, "workers": self.per_rank,
+            "ranks": {str(self.rank): {"rotation": rotation}}, "slots": slots,
         }
         return json.loads(json.dumps(state))  # a detached, JSON-clean copy
 

@@ -1,12 +1,40 @@
-"""What every DataLoader worker process does first."""
+"""DataLoader workers leave stop signals to their rank.
+
+Under Slurm (and `kill -TERM` of a process group) a signal reaches every
+process of the job step, DataLoader workers included. A worker killed by
+SIGTERM/SIGINT/SIGUSR1 makes its rank's next `next()` fail ("DataLoader
+worker is killed by signal") before the rank's own handler (preempt.py) has
+finished the step and saved. `ignore_stop_signals` is every worker's
+`worker_init_fn` (StreamLoader, classification.make_loader): a worker keeps
+producing batches whatever such a signal comes from anyone but its parent.
+
+Why not simply SIG_IGN: the parent (the rank) ends its workers with SIGTERM
+too, in torch's shutdown fallback and in multiprocessing's exit handler
+(`terminate()` then `join()` without a timeout for every live daemonic
+child). A worker that ignores SIGTERM then hangs its rank at exit whenever a
+loader iterator is still alive (an endless stream at the end of training).
+So the signals are blocked in the worker and a thread takes them with
+sigwaitinfo, which tells who sent each: SIGTERM from the parent exits at
+once, as torch's own worker handler does; everything else is dropped.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+def _take_signals() -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+            os._exit(0)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Stop signals are the rank's: under Slurm SIGTERM/SIGUSR1 reach every process of the job, and a worker that died
-    of one would fail the rank's next batch before the rank reaches the step boundary where it saves."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+    """worker_init_fn: block the stop signals here (threads started later inherit the mask) and take them in a thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_take_signals, name="shardtune-stop-signals", daemon=True).start()

@@ -50,7 +50,9 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...  # (sum, count)
 
-    def state_dict(self) -> dict: ...  # this rank's data position after the batches taken so far (JSON)
+    def position(self) -> object: ...  # a cheap handle on this rank's data position after the batches taken so far
+
+    def state_dict(self, position: object) -> dict: ...  # that position as JSON (at checkpoints only)
 
     def load_state_dict(self, states: list[dict]) -> None: ...  # every rank's saved position (any earlier layout)
 

@@ -81,10 +81,11 @@ class CausalLMTask:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return next_token_loss(model, batch, self.cfg.train.z_loss)
 
-    def state_dict(self) -> dict:
-        if self.loader is not None:
-            return self.loader.state_dict()
-        return self.saved[self.strategy.rank] if self.saved and len(self.saved) == self.strategy.world else {}
+    def position(self):
+        return self.loader.snapshot() if self.loader is not None else None
+
+    def state_dict(self, position) -> dict:
+        return self.loader.state_dict(position) if self.loader is not None else {}
 
     def load_state_dict(self, states: list[dict]) -> None:
         self.saved = [s for s in states if s] or None

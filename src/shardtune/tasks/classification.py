@@ -50,7 +50,7 @@ class ClassificationTask:
         t = cfg.train
         self.steps = StepBatches(len(self.train_set), seeded_order(len(self.train_set), t.seed), t.batch_size,
                                  strategy.world, strategy.rank, t.grad_accum)
-        self.position = {"epoch": 0, "samples": 0}
+        self._position = {"epoch": 0, "samples": 0}
 
     def describe(self) -> str:
         s = self.splits
@@ -65,12 +65,12 @@ class ClassificationTask:
 
     def batches(self) -> Iterator[dict]:
         """Endless epochs from the saved position; the position moves with each micro-batch taken."""
-        epoch, start = self.position["epoch"], self.position["samples"]
+        epoch, start = self._position["epoch"], self._position["samples"]
         plan = self.steps.micro_batches(epoch, start)
         positions = self.steps.micro_batches(epoch, start)  # the same sequence, read alongside the loader's output
         loader = _loader(self.train_set, (idx for idx, _, _ in plan), self.tokenizer, self.cfg.data.num_workers)
         for batch, (_, ep, done) in zip(loader, positions):
-            self.position = {"epoch": ep + 1, "samples": 0} if done >= len(self.train_set) else {"epoch": ep, "samples": done}
+            self._position = {"epoch": ep + 1, "samples": 0} if done >= len(self.train_set) else {"epoch": ep, "samples": done}
             yield {k: v.to(self.strategy.device) for k, v in batch.items()}
 
     def sizes(self, batch: dict) -> Sizes:
@@ -83,13 +83,16 @@ class ClassificationTask:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum"), (labels != IGNORE).sum()
 
-    def state_dict(self) -> dict:
-        return dict(self.position)
+    def position(self) -> dict:
+        return dict(self._position)
+
+    def state_dict(self, position: dict) -> dict:
+        return dict(position)
 
     def load_state_dict(self, states: list[dict]) -> None:
         if any(s != states[0] for s in states):
             raise ShardtuneError("the checkpoint's ranks disagree on the classification data position; it is damaged, resume from another one.")
-        self.position = dict(states[0])
+        self._position = dict(states[0])
 
     def has_split(self, split: str) -> bool:
         return split in self.eval_sets
