@@ -108,6 +108,15 @@ class SftConfig(_Section):
     too_long: Literal["drop", "truncate"] = Field("drop", description="An example longer than seq_len: drop and count it, or cut the response's tail.")
 
 
+class DpoConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (rewards are beta * log-ratio).")
+    prompt_field: str = Field("prompt", min_length=1, description="Field holding the prompt (text or chat turns); absent = the chosen and rejected conversations' shared first turns.")
+    chosen_field: str = Field("chosen", min_length=1, description="Field holding the preferred response (text, or assistant turns / a whole conversation).")
+    rejected_field: str = Field("rejected", min_length=1, description="Field holding the dispreferred response (same forms as chosen).")
+    max_length: int = Field(512, ge=2, le=1_000_000, description="Tokens per chosen or rejected sequence (prompt + response).")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="A pair with a side longer than max_length: drop and count it, or cut the responses' tails.")
+
+
 class StreamConfig(_Section):
     kind: Literal["stream"] = Field("stream", description="Streamed documents for language-model tasks (set from task).")
     sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")
