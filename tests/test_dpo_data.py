@@ -190,6 +190,7 @@ def test_shipped_pairs_are_rebuilt_identically_and_all_usable(tmp_path):
     from transformers import AutoTokenizer
 
     from shardtune.assets import packaged_model
+    from shardtune.config import DpoConfig
     from shardtune.data.dpo import pair_ids
 
     out = tmp_path / "pairs.jsonl"
@@ -197,11 +198,9 @@ def test_shipped_pairs_are_rebuilt_identically_and_all_usable(tmp_path):
     assert out.read_bytes() == DATA.read_bytes()
     records = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert len(records) >= 100 and all(r["chosen"] != r["rejected"] for r in records)
-    dpo = yaml.safe_load((ROOT / "configs" / "smollm2-dpo-lora.yaml").read_text())["data"]["dpo"]
+    dpo = yaml.safe_load((ROOT / "configs" / "draft" / "smollm2-dpo-lora.yaml").read_text())["data"]["dpo"]
     tokenizer = AutoTokenizer.from_pretrained(packaged_model("smollm2-135m"))
-    from shardtune.config import DpoConfig
-
-    limit = DpoConfig(**dpo).max_length
+    shipped = DpoConfig(**dpo)
     for r in records:
-        pair = pair_ids(r, tokenizer)
-        assert max(len(pair.chosen_ids), len(pair.rejected_ids)) <= limit
+        pair = pair_ids(r, tokenizer, shipped)  # a pair the config would drop raises Drop here
+        assert max(len(pair.chosen_ids), len(pair.rejected_ids)) <= shipped.max_length
