@@ -48,7 +48,8 @@ def shorten(text: str, limit: int = 600) -> str:
     return text[: cut + 1] if cut > 100 else text[:limit]
 
 
-def main() -> None:
+def faq_records() -> list[dict]:
+    """{"prompt": question, "response": answer} of every usable FAQ question, in file order (also used by make_pydocs_dpo.py)."""
     records = []
     for path in sorted(glob.glob(f"{SRC}/*.rst.txt")):
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -58,6 +59,11 @@ def main() -> None:
                 answer = first_paragraph(lines, i + 2)
                 if len(answer) >= 20 and not answer.endswith("::"):
                     records.append({"prompt": clean(head), "response": shorten(answer)})
+    return records
+
+
+def main() -> None:
+    records = faq_records()
     OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     print(f"{len(records)} records, {OUT.stat().st_size} bytes -> {OUT}")
 

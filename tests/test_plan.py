@@ -160,3 +160,10 @@ def test_choose_strategy(tiny_bert, shape_1b):
     assert choose_strategy(tiny, 1, 80 * GiB)[0] == "single_gpu"
     strategy, reason = choose_strategy(load_config(LLAMA_1B, ["train.batch_size=2"]), 8, 16 * GiB, shape=shape_1b)
     assert strategy in ("zero1", "zero2", "fsdp", "zero3", "zero3_offload") and strategy in reason
+
+
+def test_plan_knows_every_task_from_its_spec(run_cli):
+    """The plan reads what it needs of a task (causal model or not, tokens per row) from config.TASK_SPECS."""
+    code, out, err = run_cli("plan", ROOT / "configs" / "smollm2-dpo-lora.yaml", "--gpus", "1", "--gpu-memory", "24GiB")
+    assert code == 0, err
+    assert "LlamaForCausalLM" in out and "192" in out, out  # SmolLM2 with the DPO config's max_length

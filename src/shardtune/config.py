@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 LM_TASKS = ("causal_lm", "sft")
-DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m"}
+DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m", "dpo": "smollm2-135m"}
 
 
 class LoraConfig(_Section):
@@ -115,6 +115,27 @@ class SftConfig(_Section):
     too_long: Literal["drop", "truncate"] = Field("drop", description="An example longer than seq_len: drop and count it, or cut the response's tail.")
 
 
+class DpoConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (rewards are beta * log-ratio).")
+    prompt_field: str = Field("prompt", min_length=1, description="Field holding the prompt (text or chat turns); absent = the chosen and rejected conversations' shared first turns.")
+    chosen_field: str = Field("chosen", min_length=1, description="Field holding the preferred response (text, or assistant turns / a whole conversation).")
+    rejected_field: str = Field("rejected", min_length=1, description="Field holding the dispreferred response (same forms as chosen).")
+    max_length: int = Field(512, ge=2, le=1_000_000, description="Tokens per chosen or rejected sequence (prompt + response).")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="A pair with a side longer than max_length: drop and count it, or cut the responses' tails.")
+
+
+class PairsConfig(_Section):
+    kind: Literal["pairs"] = Field("pairs", description="Preference pairs held in memory (set from task dpo).")
+    train_file: str = Field(..., min_length=1, description="JSONL/JSON/parquet file of preference records (prompt/chosen/rejected or chat pairs).")
+    validation_file: Optional[str] = Field(None, description="Held-out pairs (same forms); None = a seeded hold-out of the train pairs.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Hold-out fraction for validation when no file is given.")
+    split_seed: int = Field(42, description="Seed of the hold-out split (independent of train.seed).")
+    max_examples: Optional[int] = Field(None, gt=0, description="Use only the first N train records (smoke runs).")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    clean: CleanConfig = CleanConfig()
+    dpo: DpoConfig = DpoConfig()
+
+
 class StreamConfig(_Section):
     kind: Literal["stream"] = Field("stream", description="Streamed documents for language-model tasks (set from task).")
     sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")
@@ -156,12 +177,26 @@ class TaskSpec:
     metrics: tuple[str, ...]  # eval metrics that can select the best model
     best: str  # the default train.metric_for_best
     export: str  # the transformers Auto class of the exported model
+    seq_len: str  # the config key that holds tokens per row (the memory plan's sequence length)
+
+    @property
+    def causal(self) -> bool:
+        return self.export == "AutoModelForCausalLM"
+
+    def seq_len_of(self, cfg: "Config") -> int:
+        value: Any = cfg
+        for part in self.seq_len.split("."):
+            value = getattr(value, part)
+        return value
 
 
 TASK_SPECS: dict[str, TaskSpec] = {
-    "classification": TaskSpec(DataConfig, ("eval/loss", "eval/accuracy", "eval/f1_macro"), "eval/accuracy", "AutoModelForSequenceClassification"),
-    "causal_lm": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM"),
-    "sft": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM"),
+    "classification": TaskSpec(DataConfig, ("eval/loss", "eval/accuracy", "eval/f1_macro"), "eval/accuracy",
+                               "AutoModelForSequenceClassification", "model.max_length"),
+    "causal_lm": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM", "data.seq_len"),
+    "sft": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM", "data.seq_len"),
+    "dpo": TaskSpec(PairsConfig, ("eval/loss", "eval/rewards/accuracy", "eval/rewards/margin"), "eval/loss", "AutoModelForCausalLM",
+                    "data.dpo.max_length"),
 }
 
 
@@ -260,9 +295,11 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification", "causal_lm", "sft"] = Field("classification", description="What to train (sft: causal LM on chat / prompt-response records, loss on responses only).")
+    task: Literal["classification", "causal_lm", "sft", "dpo"] = Field(
+        "classification", description="What to train (sft: causal LM on chat / prompt-response records, loss on responses only; dpo: preference pairs)."
+    )
     model: ModelConfig = ModelConfig()
-    data: Annotated[Union[DataConfig, StreamConfig], Field(discriminator="kind")] = DataConfig()
+    data: Annotated[Union[DataConfig, StreamConfig, PairsConfig], Field(discriminator="kind")] = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -272,10 +309,12 @@ class Config(_Section):
     @model_validator(mode="before")
     @classmethod
     def _data_follows_task(cls, raw: Any) -> Any:
-        """`data:` holds record files for classification and a stream for LM tasks."""
+        """`data:` is the task's data model (TASK_SPECS): record files for classification, a stream for causal_lm/sft,
+        preference pairs for dpo."""
         if isinstance(raw, dict) and isinstance(raw.get("data", {}), dict):
-            kind = "stream" if raw.get("task") in LM_TASKS else "files"
-            raw = {**raw, "data": {"kind": kind, **raw.get("data", {})}}
+            spec = TASK_SPECS.get(raw.get("task", "classification"))
+            if spec is not None:
+                raw = {**raw, "data": {"kind": spec.data.model_fields["kind"].default, **raw.get("data", {})}}
         return raw
 
     @model_validator(mode="after")
@@ -390,7 +429,7 @@ def _lookup(raw: Any, loc: tuple) -> Any:
 
 def _explain(exc: ValidationError, raw: dict[str, Any]) -> str:
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("files", "stream"))))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("files", "stream", "pairs"))))
     key = ".".join(str(p) for p in loc) or "config"
     kind = err["type"]
     if kind == "extra_forbidden":

@@ -19,7 +19,7 @@ import torch
 
 from shardtune import ShardtuneError
 from shardtune.checkpoint import LABELS_FILE, check_checkpoint, read_state, write_json
-from shardtune.config import validate
+from shardtune.config import TASK_SPECS, validate
 from shardtune.models import is_peft, save_lora
 
 
@@ -38,7 +38,7 @@ def _skeleton(cfg, labels):
     tokenizer = load_tokenizer(cfg.model)
     lora = cfg.model.lora
     with torch.device("meta"):
-        if cfg.task == "classification":
+        if not TASK_SPECS[cfg.task].causal:
             mcfg = AutoConfig.from_pretrained(
                 resolve_model(cfg.model.name_or_path), num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=cfg.model.trust_remote_code,
@@ -49,7 +49,7 @@ def _skeleton(cfg, labels):
             model = load_causal_lm(cfg.model.model_copy(update=bare), tokenizer)
         if lora is not None:
             base = adapter_base_name(cfg.model.name_or_path) if cfg.model.init == "pretrained" else None
-            model = add_lora(model, lora, "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM", base)
+            model = add_lora(model, lora, "CAUSAL_LM" if TASK_SPECS[cfg.task].causal else "SEQ_CLS", base)
     return model, tokenizer
 
 

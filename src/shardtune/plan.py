@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from shardtune import ShardtuneError
-from shardtune.config import LM_TASKS, Config
+from shardtune.config import TASK_SPECS, Config
 
 GiB = 1 << 30
 SPEED_ORDER = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")
@@ -139,14 +139,14 @@ def _meta_model(cfg: Config):
 
     from shardtune.models import load_causal_lm, load_tokenizer, resolve_model
 
-    m = cfg.model
+    m, causal = cfg.model, TASK_SPECS[cfg.task].causal
     try:
-        if cfg.task in LM_TASKS and m.init == "scratch":
+        if causal and m.init == "scratch":
             tokenizer = load_tokenizer(m)  # the vocab comes from it
             with torch.device("meta"):
                 return load_causal_lm(m.model_copy(update={"gradient_checkpointing": False}), tokenizer)
         source = resolve_model(m.name_or_path)
-        if cfg.task in LM_TASKS:
+        if causal:
             mcfg = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code)
             auto = AutoModelForCausalLM
         else:
@@ -191,9 +191,9 @@ def model_shape(cfg: Config) -> Shape:
         gated=any("gate" in n for n, _ in layer.named_parameters()),
         dropout=any(float(x) > 0 for x in drop),
         eager=getattr(c, "_attn_implementation", None) == "eager",
-        vocab=c.vocab_size if cfg.task in LM_TASKS else 0,
+        vocab=c.vocab_size if TASK_SPECS[cfg.task].causal else 0,
         layer_params=sum(p.numel() for p in layer.parameters()),
-        seq_len=cfg.data.seq_len if cfg.task in LM_TASKS else cfg.model.max_length,
+        seq_len=TASK_SPECS[cfg.task].seq_len_of(cfg),
     )
 
 

@@ -65,7 +65,7 @@ class Trainer:
         # Stepped by hand on optimizer steps only; Accelerate's wrapper would step it once per process.
         self.scheduler = build_scheduler(s.optimizer, cfg.optim, self.total)
         metric, greater = cfg.train.metric_for_best, cfg.train.greater_is_better
-        self.run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro")))
+        self.run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro", "margin")))
         if s.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         s.barrier()

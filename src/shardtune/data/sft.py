@@ -125,25 +125,30 @@ def render_spans(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     return [s for s in spans if s[0]]
 
 
-def encode(messages: list[dict], tokenizer, eos_id: int) -> tuple[list[int], list[int]]:
-    """-> (input ids, labels) of one example; labels are IGNORE off the response spans."""
-    spans: list[tuple[str, bool]] = []
+def encode(messages: list[dict], tokenizer, eos_id: int, train_from: int = 0) -> tuple[list[int], list[int]]:
+    """-> (input ids, labels) of one example; labels are IGNORE off the response spans.
+
+    Only assistant turns at message index >= train_from are trained on (DPO: the turns of the prompt are
+    context, the completion after them is the response); earlier ones render the same, labelled IGNORE.
+    """
+    turns = iter([i >= train_from for i, m in enumerate(messages) if m["role"] == "assistant"])
+    spans: list[tuple[str, bool, bool]] = []  # (text, is a response span, trained)
     for text, is_resp in render_spans(messages, tokenizer):  # adjacent prompt-side spans tokenize as one text
         if spans and not is_resp and not spans[-1][1]:
-            spans[-1] = (spans[-1][0] + text, False)
+            spans[-1] = (spans[-1][0] + text, False, False)
         else:
-            spans.append((text, is_resp))
+            spans.append((text, is_resp, is_resp and next(turns)))
     fallback = not has_chat_template(tokenizer)
-    texts = [t for t, _ in spans if t]
+    texts = [t for t, _, _ in spans if t]
     enc = iter(tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]) if texts else iter(())
     ids: list[int] = []
     labels: list[int] = []
-    for text, is_resp in spans:
+    for text, is_resp, trained in spans:
         piece = list(next(enc)) if text else []
         if is_resp and fallback:
             piece.append(eos_id)
         ids += piece
-        labels += piece if is_resp else [IGNORE] * len(piece)
+        labels += piece if trained else [IGNORE] * len(piece)
     return ids, labels
 
 

@@ -68,8 +68,9 @@ class Task(Protocol):
 def task_classes() -> dict[str, type]:
     from shardtune.tasks.causal_lm import CausalLMTask, SFTTask
     from shardtune.tasks.classification import ClassificationTask
+    from shardtune.tasks.dpo import DPOTask
 
-    return {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask}
+    return {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask, "dpo": DPOTask}
 
 
 def build_task(cfg: Config, strategy: "Strategy", tokenizer) -> Task:
