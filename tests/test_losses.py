@@ -264,3 +264,31 @@ def test_models_that_rescale_logits_are_refused(tiny_lm_tokenizer):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ShardtuneError, match="final_logit_softcapping"):
         install_chunked_head(model)
+
+
+# ---------------------------------------------------------------- under the distributed strategies (2 gloo ranks)
+
+
+def test_ddp_fsdp2_and_zero3_give_the_full_batch_gradients(tiny_lm_tokenizer, tmp_path):
+    """The head is installed before wrapping; ZeRO-3 and FSDP2 gather / unshard its weight only inside its own
+    forward, and hook the output (the loss sum) for backward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from forklaunch import free_port
+
+    out = tmp_path / "result.json"
+    worker = Path(__file__).with_name("losses_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(worker), str(tiny_lm_tokenizer), str(out), "ddp,fsdp2,zero3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for name in ("ddp", "fsdp2", "zero3"):
+        r = result[name]
+        assert r["params"] > 0 and r["tokens"] > 0
+        assert abs(r["loss"] - result["reference_loss"]) <= 1e-6 * result["reference_loss"], (name, r)
+        assert r["max_rel_diff"] <= 1e-6, (name, r)
