@@ -28,16 +28,22 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
-def quickstart_batches(n_batches: int, batch: int, max_length: int = 64) -> tuple[object, list[dict]]:
-    """(tokenizer, batches): the first n_batches * batch packaged Rotten Tomatoes snippets, tokenized with the
-    packaged MiniLM tokenizer, padded per batch to a multiple of 8 (the quickstart's collation)."""
+def quickstart_batches(n_batches: int, batch: int, max_length: int = 64, grouped: bool = False) -> tuple[object, list[dict]]:
+    """(tokenizer, batches) of packaged Rotten Tomatoes snippets tokenized with the packaged MiniLM tokenizer,
+    padded per batch to a multiple of 8 (the quickstart's collation): the first n_batches * batch snippets, or
+    with `grouped` the first n_batches batches of `length_grouped_order` over all snippets (seed 42, epoch 0)."""
     from transformers import AutoTokenizer
 
     from shardtune.assets import packaged_data, packaged_model
+    from shardtune.data.grouping import length_grouped_order
 
     with open(packaged_data("rotten-tomatoes"), encoding="utf-8", newline="") as f:
-        rows = [r for _, r in zip(range(n_batches * batch), csv.DictReader(f))]
+        rows = list(csv.DictReader(f))
     tok = AutoTokenizer.from_pretrained(packaged_model("minilm-l6"))
+    if grouped:
+        lengths = [len(ids) for ids in tok([r["text"] for r in rows], truncation=True, max_length=max_length)["input_ids"]]
+        rows = [rows[i] for i in length_grouped_order(lengths, batch, seed=42, epoch=0)]
+    rows = rows[: n_batches * batch]
     enc = tok([r["text"] for r in rows], truncation=True, max_length=max_length)
     feats = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": LABELS.index(r["label"])}
              for i, r in enumerate(rows)]

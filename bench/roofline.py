@@ -8,7 +8,9 @@ as a fraction of the peak of its dtype (the CPU counterpart of MFU).
    forward + backward + fused AdamW (lr 5e-5), fp32 and under bf16 autocast (`torch.autocast("cpu",
    torch.bfloat16)`, fp32 weights, as Accelerate's mixed_precision=bf16 does). Model FLOPs per step are
    `shardtune.flops.model_flops_per_token(model, T)` x B x T for each batch's padded shape B x T (the work the
-   hardware does, padding included; the "useful" column counts only non-pad tokens). Arms alternate over
+   hardware does, padding included; the "useful" column counts only non-pad tokens). A second fp32 arm takes
+   its batches from `shardtune.data.grouping.length_grouped_order` over all snippets (the first batches of
+   epoch 0, seed 42) instead of the file order: less padding. Arms alternate over
    `--rounds`, each round `--warmup` untimed and `--steps` timed steps on the same batches; medians.
 
 On a CPU without native bf16 (`hardware.native_bf16` says why) a bf16 step at batch 32 would take minutes, so
@@ -50,6 +52,7 @@ class Arm:
         self.name, self.dtype, self.batches, self.steps = name, dtype, batches, steps
         self.model = minilm_classifier()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=5e-5, fused=True)
+        self.mean_len = sum(b["input_ids"].shape[1] for b in batches) / len(batches)
         self.times: list[float] = []
         self.rates: list[tuple[float, float]] = []
         self.flops = [b["input_ids"].numel() * model_flops_per_token(self.model, b["input_ids"].shape[1]) for b in batches]
@@ -87,7 +90,9 @@ def main() -> int:
 
     n_batches = a.warmup + a.steps
     _, big = quickstart_batches(n_batches, a.batch)
-    arms = [Arm(f"fp32, batch {a.batch}", torch.float32, big, a.steps)]
+    _, grouped = quickstart_batches(n_batches, a.batch, grouped=True)
+    arms = [Arm(f"fp32, batch {a.batch}", torch.float32, big, a.steps),
+            Arm(f"fp32, batch {a.batch}, length-grouped", torch.float32, grouped, a.steps)]
     if native:
         arms.append(Arm(f"bf16 autocast, batch {a.batch}", torch.bfloat16, big, a.steps))
     else:
@@ -104,11 +109,12 @@ def main() -> int:
 
     print(f"\nMiniLM-L6 training step (forward + backward + fused AdamW), max_length 64, padded to a multiple of 8; "
           f"load {load[0]:.1f} -> {load[1]:.1f}")
-    print("| arm | median step ms | model GFLOP/s | peak of its dtype GFLOP/s | fraction of peak | useful (non-pad) GFLOP/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| arm | mean padded length | median step ms | model GFLOP/s | peak of its dtype GFLOP/s | fraction of peak | "
+          "useful (non-pad) GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for arm in arms:
         rate, peak = arm.flop_rate(), peaks[arm.dtype]
-        print(f"| {arm.name} | {median(arm.times) * 1e3:.0f} | {rate / 1e9:.1f} | {peak / 1e9:.1f} | {rate / peak:.2f} | "
+        print(f"| {arm.name} | {arm.mean_len:.1f} | {median(arm.times) * 1e3:.0f} | {rate / 1e9:.1f} | {peak / 1e9:.1f} | {rate / peak:.2f} | "
               f"{arm.flop_rate(useful=True) / 1e9:.1f} |")
     if not native:
         f32, b16 = arms[-2], arms[-1]

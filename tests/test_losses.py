@@ -223,6 +223,39 @@ def test_a_tiny_llama_gets_the_same_gradients_as_from_model_loss(tiny_lm_tokeniz
         assert _close(chunked[name], reference[name]), name
 
 
+def test_a_lora_wrapped_llama_gets_the_same_adapter_gradients(tiny_lm_tokenizer, lm_corpus):
+    """SFT with LoRA: the head can be installed through the PEFT wrapper (lm_head is not an adapter target)."""
+    import copy
+
+    import peft
+
+    base, tok = _tiny_llama(tiny_lm_tokenizer)
+    batch, labels = _batch(tok, lm_corpus)
+    lcfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    plain = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lcfg))
+    torch.manual_seed(1)
+    chunked = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lcfg))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # B starts at zero, which would leave A without gradient: give both copies the same B
+        for (n, p), (_, q) in zip(plain.named_parameters(), chunked.named_parameters()):
+            if "lora_B" in n:
+                q.copy_(p.copy_(torch.randn(p.shape, generator=g) * 0.02))
+    head = install_chunked_head(chunked)
+    assert chunked.get_output_embeddings() is head
+    plain(**batch, labels=labels).loss.backward()
+    with head.loss_for(labels) as lm:
+        out = chunked(**batch)
+    loss_sum, tokens = lm.result(out)
+    (loss_sum / tokens).backward()
+    trained = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    grads = dict(chunked.named_parameters())
+    for n, p in plain.named_parameters():
+        if p.requires_grad:
+            assert _close(grads[n].grad, p.grad), n
+
+
 def test_generation_and_eval_loss_are_unchanged_with_the_head_installed(tiny_lm_tokenizer, lm_corpus):
     model, tok = _tiny_llama(tiny_lm_tokenizer)
     batch, labels = _batch(tok, lm_corpus)
