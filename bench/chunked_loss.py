@@ -16,7 +16,13 @@ with fused AdamW (lr 1e-5) for `--steps` optimizer steps per arm:
 
 Each arm runs in a fresh subprocess (`--child ARM`), so its peak memory is the
 process's own `ru_maxrss` (peak resident set, from getrusage): the model load
-(the same in every arm) and the step together. "step peak" subtracts the
+(the same in every arm) and the step together. Each arm runs with
+MALLOC_MMAP_THRESHOLD_=131072 (`--malloc-mmap-threshold`): glibc then serves every
+allocation over 128 KiB with its own mmap and returns it to the OS when freed, so
+the peak resident set follows the peak of live memory. With glibc's default
+(`--malloc-mmap-threshold 0`) the threshold grows after large frees and freed
+buffers stay resident: the chunked arm's many chunk-sized buffers then showed up
+as 1.4 GiB more peak RSS than it ever held live (measured, docs/benchmarks.md). "step peak" subtracts the
 resident set right after loading (VmRSS), which is what the loss changes. Step
 time comes from a global optimizer step post-hook (the same for every arm):
 the first step (allocation of the optimizer state, first-call costs) is
@@ -66,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: shardtune.losses.default_chunk_tokens")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (all arms)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                   help="MALLOC_MMAP_THRESHOLD_ for each arm (bytes); 0 leaves glibc's dynamic default")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -172,6 +180,8 @@ def run_arm(a, arm: str, data: Path, tmp: Path, r: int) -> dict:
     if a.gradient_checkpointing:
         cmd += ["--gradient-checkpointing"]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    if a.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
@@ -213,6 +223,7 @@ def print_table(a, results: dict[str, list[dict]], load: list[float]) -> None:
     tps = {arm: med(arm, lambda r: r["tokens"] / statistics.median(r["step_s"][1:] or r["step_s"])) for arm in results}
     base = "plain" if "plain" in results else next(iter(results))
     ckpt = ", gradient checkpointing" if a.gradient_checkpointing else ""
+    ckpt += f", MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}" if a.malloc_mmap_threshold else ", glibc malloc defaults"
     print(f"\nSmolLM2-135M, {a.batch} x {a.seq} tokens, fp32{ckpt}, {a.threads} thread(s), {a.steps} step(s) per arm "
           f"({'first excluded' if a.steps > 1 else 'one step, timed'}), {a.rounds} round(s), load {load[0]:.1f} -> {load[1]:.1f}")
     print(f"| arm | peak RSS MiB | vs {base} | step peak MiB (peak - after load) | vs {base} | tokens/s | vs {base} | first-step loss |")
