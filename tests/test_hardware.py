@@ -1,0 +1,96 @@
+"""Native bf16 detection, what `mixed_precision: auto` resolves to and why, and the measured-peak cache (no timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardtune import ShardtuneError
+from shardtune import hardware
+from shardtune.hardware import cpu_flags, matmul_peak_flops, mfu_peak, native_bf16, resolve_mixed_precision
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme de pse tsc msr avx f16c avx2 fma bmi2 vaes vpclmulqdq
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu vme de pse tsc msr avx f16c avx2 fma bmi2 vaes vpclmulqdq
+"""
+ZEN4 = ZEN3.replace("vpclmulqdq", "vpclmulqdq avx512f avx512bw avx512_bf16 avx512_vnni")
+SAPPHIRE_RAPIDS = ZEN3.replace("vpclmulqdq", "avx512f avx512_bf16 amx_bf16 amx_tile amx_int8")
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid sve bf16 i8mm
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_flags_come_from_the_first_processor_line():
+    assert "avx2" in cpu_flags(ZEN3) and "sysret_ss_attrs" not in cpu_flags(ZEN3)
+    assert "bf16" in cpu_flags(GRAVITON3)
+    assert cpu_flags("processor\t: 0\n") is None
+
+
+@pytest.mark.parametrize(
+    "text, native, words",
+    [
+        (ZEN3, False, ["neither avx512_bf16 nor amx_bf16", "emulated"]),
+        (ZEN4, True, ["avx512_bf16"]),
+        (SAPPHIRE_RAPIDS, True, ["amx_bf16 and avx512_bf16"]),
+        (GRAVITON3, True, ["bf16"]),
+    ],
+)
+def test_native_bf16_on_cpus(text, native, words):
+    ok, why = native_bf16("cpu", cpuinfo=text)
+    assert ok is native
+    for w in words:
+        assert w in why, why
+
+
+def test_this_machines_answer_agrees_with_pytorchs_own_cpu_detection():
+    ok, _ = native_bf16("cpu")
+    assert ok == bool(hardware._torch_cpu_bf16())
+
+
+def test_auto_resolves_to_bf16_only_where_native_and_says_why():
+    assert resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4) == ("bf16", "auto chose bf16: this CPU has avx512_bf16")
+    choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN3)
+    assert choice == "no" and why.startswith("auto chose no (fp32): this CPU has neither")
+
+
+def test_explicit_values_pass_through_with_a_note_where_bf16_is_not_native():
+    assert resolve_mixed_precision("no", "cpu", cpuinfo=ZEN4) == ("no", "no as configured")
+    assert resolve_mixed_precision("bf16", "cpu", cpuinfo=ZEN4) == ("bf16", "bf16 as configured")
+    choice, why = resolve_mixed_precision("bf16", torch.device("cpu"), cpuinfo=ZEN3)
+    assert choice == "bf16" and why.startswith("bf16 as configured, although this CPU has neither")
+    with pytest.raises(ShardtuneError, match="not one of auto, no, bf16, fp16"):
+        resolve_mixed_precision("fp8", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
+def test_cuda_without_cuda_is_not_native():
+    assert native_bf16("cuda") == (False, "CUDA is not available")
+
+
+def test_the_peak_is_measured_once_per_process_and_dtype(monkeypatch):
+    calls = []
+    real = hardware._matmul_seconds
+
+    def counted(a, b):
+        calls.append(a.shape[0])
+        return real(a, b)
+
+    monkeypatch.setattr(hardware, "_matmul_seconds", counted)
+    monkeypatch.setattr(hardware, "_PEAKS", {})
+    first = matmul_peak_flops(torch.float32, "cpu", budget_s=0.05, max_size=256)
+    measured = len(calls)
+    assert first > 0 and measured >= 2 and set(calls) == {256}  # max_size caps the size
+    assert matmul_peak_flops(torch.float32, "cpu", budget_s=0.05, max_size=256) == first
+    assert len(calls) == measured  # cached: nothing timed again
+    again = matmul_peak_flops(torch.float32, "cpu", budget_s=0.05, max_size=256, refresh=True)
+    assert len(calls) > measured
+    assert mfu_peak("cpu", "no")[0] == again  # train/mfu on CPU divides by that same number
+    assert "measured fp32 matmul peak" in mfu_peak("cpu", "no")[1]
+    assert mfu_peak("cpu", "bf16", measure=False) == (None, "peak measurement off")
