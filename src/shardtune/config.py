@@ -53,6 +53,9 @@ class ModelConfig(_Section):
         "auto", description="Attention kernel for LMs; auto = flash_attention_2 when installed on a GPU, else sdpa."
     )
     compile: bool = Field(False, description="torch.compile the model (inductor); the first steps pay the compile time.")
+    chunked_loss: bool = Field(
+        True, description="LM tasks: the cross entropy from the last hidden states in chunks, never the whole batch's logits (losses.py); false = full logits."
+    )
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters (PEFT) instead of all weights; None = full fine-tune.")
 
 
@@ -72,6 +75,9 @@ class DataConfig(_Section):
     split_seed: int = Field(42, description="Seed of the hold-out split (independent of train.seed).")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first N train examples (smoke runs).")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (seeded, every example once per epoch): far less padding; false = random order."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -217,7 +223,10 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, le=65_536, description="Micro-batch per process.")
     eval_batch_size: int = Field(128, gt=0, le=65_536, description="Batch per process for eval.")
     grad_accum: int = Field(1, gt=0, le=4096, description="Micro-batches accumulated per optimizer step.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="bf16 (CPU/GPU), fp16 (GPU, loss scaling) or no.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 where the device computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX), else no; "
+        "bf16, fp16 (GPU, loss scaling) or no (fp32)."
+    )
     seed: int = Field(42, description="Seed for init, dropout and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between logged metrics.")
     eval_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between evals; None = only at the end.")

@@ -14,6 +14,7 @@ roofline and for `train/mfu` on CPUs, which have no datasheet entry in
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -29,13 +30,16 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 /proc/cpuinfo "flags"; aarch
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[set[str]]:
     """The first processor's feature flags from /proc/cpuinfo text (x86 `flags`, aarch64 `Features`); None without one."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("flags", "Features"):
@@ -156,4 +160,27 @@ def mfu_peak(device: Device, mixed_precision: str, measure: bool = True) -> tupl
         return None, f"no peak for {device.type}" if measure else "peak measurement off"
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return matmul_peak_flops(dtype, device), f"measured {name} matmul peak of this CPU at {torch.get_num_threads()} thread(s)"
+    return cpu_peak_cached(dtype), f"measured {name} matmul peak of this CPU at {torch.get_num_threads()} thread(s)"
+
+
+def cpu_peak_cached(dtype: torch.dtype) -> float:
+    """matmul_peak_flops on this CPU, measured once per machine, thread count and torch version and kept in
+    `$SHARDTUNE_CACHE/cpu-peaks.json`: every run would otherwise spend about 2 s measuring it again."""
+    import json
+    import platform
+
+    from shardtune.assets import cache_dir
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")), platform.machine())
+    key = f"{model}|{os.cpu_count()} cpus|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
+    path = cache_dir() / "cpu-peaks.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = matmul_peak_flops(dtype, "cpu")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    return float(known[key])

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from shardtune.flops import model_flops_per_token, peak_flops
+from shardtune.flops import model_flops_per_token
+from shardtune.hardware import mfu_peak
 
 GIB = 1024**3
 
@@ -89,7 +90,8 @@ class Throughput:
         cuda = strategy.device.type == "cuda"
         self.clock = Stopwatch(cuda)
         self.flops_per_token = model_flops_per_token(model, seq_len)
-        self.peak = peak_flops(torch.cuda.get_device_name(strategy.device) if cuda else None, mixed_precision)
+        # the GPU's datasheet peak, or this CPU's measured matmul peak in the step's dtype (hardware.py)
+        self.peak, self.peak_source = mfu_peak(strategy.device, mixed_precision)
 
     def settle(self, w: Window, run) -> None:
         """Add the window's samples and tokens so far to the run's counters: a checkpoint between log steps must

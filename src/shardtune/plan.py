@@ -321,7 +321,9 @@ def plan(cfg: Config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, shape: O
             "for CPU processes there is nothing to plan: use `shardtune launch --gpus 0`."
         )
     shape = shape or model_shape(cfg)
-    mp, b, ckpt = cfg.train.mixed_precision, cfg.train.batch_size, cfg.model.gradient_checkpointing
+    # auto is bf16 on the GPUs a plan is for (compute capability 8.0+; hardware.native_bf16 decides at run time)
+    mp = "bf16" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+    b, ckpt = cfg.train.batch_size, cfg.model.gradient_checkpointing
     world, usable = gpus * nodes, usable_bytes(gpu_memory_bytes)
     rows = _rows(shape, world, usable, mp, b, ckpt)
     fit = next((r for r in rows if r.fits), None)

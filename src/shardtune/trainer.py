@@ -54,8 +54,9 @@ class Trainer:
     def __init__(self, cfg: Config, config_name: str, preemption: Preemption):
         from shardtune.resume import resume
 
-        self.cfg, self.preemption = cfg, preemption
         self.strategy = s = build_strategy(cfg)
+        self.cfg = cfg = s.cfg  # mixed_precision resolved: what the run records (config.yaml, W&B)
+        self.preemption = preemption
         set_seed(cfg.train.seed)
         self.run_dir = Path(s.from_main(str(choose_run_dir(cfg, config_name)) if s.is_main else None))
         self.ckpt = s.from_main(find_checkpoint(self.run_dir, cfg.train.resume) if s.is_main else None)
@@ -80,6 +81,7 @@ class Trainer:
         if self.ckpt is not None:  # what the resume restored of the optimizer (0: it started fresh)
             self.tracker.log({"resume/optim_state_norm": s.optimizer_state_norm()}, self.run.step)
         self.progress = Progress(self.total, s.is_main, cfg.train.progress_bar, start=self.run.step)
+        self.progress.write(f"mixed precision: {s.precision_note}")
         self.checks = StepChecks(s, cfg.train.save_every_minutes, preemption)
         self.window = Window()
         self.data_position = None  # the task's position after the last step's batches (taken before the next step's)

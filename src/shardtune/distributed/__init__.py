@@ -78,7 +78,27 @@ def family_of(name: str) -> str:
     return "zero" if name in ZERO else "dcp"
 
 
+def resolved_precision(cfg: Config) -> tuple[Config, str]:
+    """train.mixed_precision: auto -> bf16 or no for this process's device (hardware.py), and why."""
+    from shardtune.hardware import resolve_mixed_precision
+
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    choice, why = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    if choice != cfg.train.mixed_precision:
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.mixed_precision = choice
+    return cfg, why
+
+
 def build_strategy(cfg: Config) -> Strategy:
+    """The strategy this process runs; its `cfg` is `cfg` with train.mixed_precision resolved (auto -> bf16 or no)."""
+    cfg, why = resolved_precision(cfg)
+    strategy = _build(cfg)
+    strategy.precision_note = why
+    return strategy
+
+
+def _build(cfg: Config) -> Strategy:
     name = resolve_name(cfg)
     if name in ("single_gpu", "ddp") and not torch.cuda.is_available():
         raise ShardtuneError(f"strategy {name} needs CUDA GPUs; on CPU use cpu (DDP over gloo), zero1/2/3, zero3_offload or fsdp.")

@@ -31,6 +31,7 @@ class Strategy:
     """What every backend provides; see the module docstring."""
 
     name: str
+    precision_note: str = ""  # what train.mixed_precision resolved to, and why (distributed.build_strategy)
     family: ClassVar[str]  # checkpoint format: "dcp" (DDP, FSDP2) or "zero" (DeepSpeed)
     shards_parameters: ClassVar[bool] = False  # forward passes are collectives (ZeRO-3, FSDP2)
 

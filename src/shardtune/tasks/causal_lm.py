@@ -24,8 +24,14 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
 
 
-def next_token_loss(model, batch: dict, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross entropy over the label tokens (+ z-loss, PaLM: z_loss x logsumexp^2 per token), count)."""
+def next_token_loss(model, batch: dict, z_loss: float = 0.0, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross entropy over the label tokens (+ z-loss, PaLM: z_loss x logsumexp^2 per token), count).
+    With `head` (losses.ChunkedLMHead) the loss is computed inside the head's forward, in chunks: the batch's logits
+    never exist whole; without, from the model's full logits."""
+    if head is not None:
+        with head.loss_for(batch["labels"], z_loss=z_loss) as lm:
+            out = model(**_inputs(batch), use_cache=False)
+        return lm.result(out)
     logits = model(**_inputs(batch), use_cache=False).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -44,6 +50,11 @@ class CausalLMTask:
             raise ShardtuneError(f"{cfg.task} reads a stream of unknown length; set train.max_steps.")
         self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
         self.model = load_causal_lm(cfg.model, tokenizer)
+        self.head = None
+        if cfg.model.chunked_loss:  # before the strategy wraps the model: its hooks must see the new head
+            from shardtune.losses import install_chunked_head
+
+            self.head = install_chunked_head(self.model)
         self.saved: list[dict] | None = None
         self.loader = None
         self.labels = None
@@ -79,7 +90,7 @@ class CausalLMTask:
         return Sizes(weight=labelled.sum(), samples=labelled.any(-1).sum(), tokens=tokens)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return next_token_loss(model, batch, self.cfg.train.z_loss)
+        return next_token_loss(model, batch, self.cfg.train.z_loss, self.head)
 
     def position(self):
         return self.loader.snapshot() if self.loader is not None else None
@@ -125,7 +136,7 @@ class CausalLMTask:
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
             batch = {k: v.to(s.device) for k, v in batch.items() if k != "doc_ids"}
-            total, count = next_token_loss(model, batch)  # an all-padding batch (a rank that ran out) counts nothing
+            total, count = next_token_loss(model, batch, head=self.head)  # an all-padding batch (a rank that ran out) counts nothing
             sums += torch.stack([total.double(), count.double()])
         model.train(was)
         loss_sum, count = s.all_reduce_sum(sums).tolist()

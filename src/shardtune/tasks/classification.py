@@ -1,7 +1,8 @@
 """Sequence classification: in-memory examples, seeded epochs, loss weighted by examples.
 
 The data is small, so it is tokenized once up front. Batches come from data/batching.py: the same global
-batches on any number of ranks and micro-batches, the epoch's last step padded with unlabelled rows. The
+batches on any number of ranks and micro-batches, the epoch's last step padded with unlabelled rows; with
+data.group_by_length (the default) each step's examples have similar lengths (data/grouping.py). The
 position is (epoch, examples of the epoch used); eval and test metrics are sums over every rank's share,
 all-reduced (loss, accuracy, macro-F1 from per-class counts).
 """
@@ -19,6 +20,7 @@ from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
 from shardtune.data.batching import Padded, StepBatches, seeded_order, shard_eval
 from shardtune.data.classification import Encoded, PadCollator, load_splits
+from shardtune.data.grouping import length_grouped_order
 from shardtune.metrics import IGNORE, classification_sums, metrics_from_sums
 from shardtune.tasks import Sizes
 
@@ -48,8 +50,12 @@ class ClassificationTask:
         self.eval_sets = {split: Padded(encode(exs).features, ignore=IGNORE)
                           for split, exs in [("eval", self.splits.validation), ("test", self.splits.test)] if exs}
         t = cfg.train
-        self.steps = StepBatches(len(self.train_set), seeded_order(len(self.train_set), t.seed), t.batch_size,
-                                 strategy.world, strategy.rank, t.grad_accum)
+        step_size = t.batch_size * strategy.world * t.grad_accum
+        order = seeded_order(len(self.train_set), t.seed)
+        if cfg.data.group_by_length:  # steps of similar lengths: dynamic padding then pads little (data/grouping.py)
+            lengths = [len(f["input_ids"]) for f in self.train_set.features]
+            order = lambda epoch: length_grouped_order(lengths, step_size, t.seed, epoch)  # noqa: E731
+        self.steps = StepBatches(len(self.train_set), order, t.batch_size, strategy.world, strategy.rank, t.grad_accum)
         self._position = {"epoch": 0, "samples": 0}
 
     def describe(self) -> str:
