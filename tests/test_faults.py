@@ -31,13 +31,15 @@ def _losses(run) -> list[tuple[int, float]]:
 
 
 def _argv(tiny_bert, out, **extra) -> list[str]:
-    over = {"train.max_steps": STEPS, "train.save_every": EVERY, "train.log_every": 1, "train.eval_every": None,
+    # synchronous saves: each kill's resume point is then exact (test_async_checkpoints... covers the background writes)
+    over = {"train.max_steps": STEPS, "train.save_every": EVERY, "train.log_every": 1, "train.eval_every": None, "train.async_save": "false",
             "train.batch_size": 8, "data.max_examples": 200, "tracking.report_to": "[]", **extra}
     return ["train", str(QS), *tiny_overrides(tiny_bert, out, **over)]  # dropout on: the RNG restore matters
 
 
 def _launch(argv, logs, failpoints: str = "") -> tuple[list[int], str]:
     """One 2-rank launch; returns the exit codes and what rank 0 printed during it."""
+    logs.mkdir(parents=True, exist_ok=True)
     log = logs / "rank0.log"
     before = log.stat().st_size if log.exists() else 0
     codes = forklaunch.launch(argv, logs, env={"SHARDTUNE_FAILPOINTS": failpoints})
@@ -91,6 +93,25 @@ def test_two_kills_and_a_kill_inside_a_checkpoint_write_resume_bit_for_bit(trial
     assert {s for s, _ in logged} == set(range(1, STEPS + 1))
     assert all(loss == reference[step] for step, loss in logged), [(s, loss, reference[s]) for s, loss in logged if loss != reference[s]]
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_do_and_a_kill_mid_write_loses_nothing(reference, tiny_bert, tmp_path):
+    """2 ranks, checkpoints written in the background (DCP async_save, its own gloo group): every checkpoint is sealed
+    and holds exactly the tensors a synchronous save of the same step holds; a rank killed while checkpoint 12 is
+    being written leaves it unsealed, the rerun resumes from 9 and logs the uninterrupted run's losses."""
+    sync_run, async_run = tmp_path / "sync", tmp_path / "async"
+    assert _launch(_argv(tiny_bert, sync_run, **{"train.save_total_limit": 10}), tmp_path / "s")[0] == [0, 0]
+    argv = _argv(tiny_bert, async_run, **{"train.save_total_limit": 10, "train.async_save": "true"})
+    codes, _ = _launch(argv, tmp_path / "a", "kill@save=12,rank=1")
+    assert codes != [0, 0] and not (async_run / "checkpoints" / "step-00000012").exists()
+    codes, out = _launch(argv, tmp_path / "a")
+    assert codes == [0, 0] and _resumed_at(out) == 9
+    assert dict(_losses(async_run)) == reference
+    steps = sorted(p.name for p in (async_run / "checkpoints").glob("step-*"))
+    assert steps == [f"step-{s:08d}" for s in range(EVERY, STEPS + 1, EVERY)]
+    for name in steps:
+        want, got = _rank_state(sync_run / "checkpoints" / name), _rank_state(async_run / "checkpoints" / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def _tensors(obj, prefix=""):

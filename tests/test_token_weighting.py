@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 import forklaunch
 from conftest import ROOT, lm_overrides, tiny_overrides

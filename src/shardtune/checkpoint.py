@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,10 +101,27 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None) -> Path:
-    """Every rank writes its part (model, optimizer, its RNG) and fsyncs the files it wrote; the main rank then seals
-    the checkpoint with the trainer state and the manifest and renames it into place. Only the newest `keep`
-    checkpoints stay, plus the one at `best_step` (the best eval) when there is one."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written (async) and which is not sealed yet."""
+
+    step: int
+    tmp: Path
+    final: Path
+    files: Any  # a Future of the files this rank wrote (model and optimizer shards)
+    rng_file: Path
+    state: Any  # the TrainerState of that step, written at the seal
+    keep: int
+    best_step: int | None
+
+    def done(self) -> bool:
+        return self.files.done()
+
+
+def begin_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None,
+                     asynchronous: bool = False) -> PendingSave:
+    """Every rank starts writing its part into a temporary folder: model and optimizer (in the background when
+    `asynchronous` and the backend can), and its RNG state. Collective."""
     from shardtune import failpoints
     from shardtune.distributed import rng
 
@@ -113,24 +131,46 @@ def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_s
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     strategy.barrier()
-    written = strategy.save(tmp) + [rng.save(tmp, strategy.rank)]
+    files = strategy.save_async(tmp) if asynchronous else _done(strategy.save(tmp))
+    pending = PendingSave(step, tmp, final, files, rng.save(tmp, strategy.rank), state, keep, best_step)
     failpoints.hit("save", strategy.rank, step)
-    for path in written:  # on disk, not only in the page cache, before the main rank seals it
+    return pending
+
+
+def _done(value):
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def seal_checkpoint(strategy, run_dir: Path, pending: PendingSave) -> Path:
+    """Once every rank's files are written: each rank fsyncs the files it wrote; the main rank writes the trainer
+    state and the manifest, renames the folder into place and moves `latest`; only the newest `keep` checkpoints stay,
+    plus the one at `best_step` (the best eval) when there is one. Collective."""
+    for path in [*pending.files.result(), pending.rng_file]:  # on disk, not only in the page cache, before the seal
         _fsync(path)
     strategy.barrier()
+    root = run_dir / CKPT_DIR
     if strategy.is_main:
-        state.write(tmp)
-        write_json(tmp / MANIFEST, _files(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        pending.state.write(pending.tmp)
+        write_json(pending.tmp / MANIFEST, _files(pending.tmp))
+        shutil.rmtree(pending.final, ignore_errors=True)
+        os.replace(pending.tmp, pending.final)
         _fsync(root)
-        _write_latest(root, final.name)
-        best = step_dir(run_dir, best_step).name if best_step else None
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        _write_latest(root, pending.final.name)
+        best = step_dir(run_dir, pending.best_step).name if pending.best_step else None
+        for old in sorted(root.glob("step-*"))[: -pending.keep]:
             if old.name != best:
                 shutil.rmtree(old, ignore_errors=True)
     strategy.barrier()
-    return final
+    return pending.final
+
+
+def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None) -> Path:
+    """A checkpoint written and sealed now (see begin_checkpoint and seal_checkpoint). Collective."""
+    return seal_checkpoint(strategy, run_dir, begin_checkpoint(strategy, run_dir, step, state, keep, best_step))
 
 
 def _write_latest(root: Path, name: str) -> None:

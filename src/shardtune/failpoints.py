@@ -7,9 +7,10 @@ Off unless `SHARDTUNE_FAILPOINTS` is set. It holds `;`-separated entries
     kill@save=9           SIGKILL rank 0 inside the write of checkpoint 9 (shards written, not yet sealed)
     stall@step=4,rank=1   rank 1 sleeps forever after step 4 (the others block in the next collective)
     nan@step=5,rank=1     rank 1's loss of step 5 becomes NaN (every micro-batch of that step)
-    usr1@step=3           rank 0 sends itself SIGUSR1 right after step 3 (term@...: SIGTERM); also @eval=N (during the
-                          eval at step N), @save=N (inside the write of checkpoint N), @load=0 (while the model loads),
-                          @export=0 (during the final export)
+    usr1@step=3           SIGUSR1 to rank 0 and its child processes (DataLoader workers) right after step 3, as
+                          Slurm signals a whole job step (term@...: SIGTERM); also @eval=N (in the eval at step N),
+                          @save=N (inside the write of checkpoint N), @load=0 (once the model is loaded), @export=0
+                          (after training, before the final eval, test and export)
 
 The environment is read at each call, so a process forked before it was set still sees it.
 """
@@ -49,12 +50,22 @@ def hit(where: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     for action, sig in (("usr1", signal.SIGUSR1), ("term", signal.SIGTERM)):
         if _armed(action, where, rank, step):
-            print(f"failpoint: rank {rank} sends itself {sig.name} at {where} {step}", flush=True)
-            os.kill(os.getpid(), sig)
+            _signal_all(sig, f"rank {rank} at {where} {step}")
     if _armed("stall", where, rank, step):
         print(f"failpoint: rank {rank} stalls at {where} {step}", flush=True)
         while True:
             time.sleep(3600)
+
+
+def _signal_all(sig: int, where: str) -> None:
+    """What Slurm does to a job step: the signal to this process and every process under it (DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    print(f"failpoint: {sig.name} to {where} and its {len(me.children(recursive=True))} child process(es)", flush=True)
+    for child in me.children(recursive=True):
+        child.send_signal(sig)
+    os.kill(os.getpid(), sig)
 
 
 def loss(value: torch.Tensor, rank: int, step: int) -> torch.Tensor:

@@ -8,6 +8,8 @@
   with a message.
 - stop: a preemption signal reached some rank (preempt.py).
 - save: `train.save_every_minutes` have passed on some rank's clock.
+- writing: some rank's background checkpoint write is still going (the
+  checkpoint is sealed at the first step where no rank's is);
 - out of data: some rank could not take the next step's micro-batches (a finite
   stream ran out there); the Trainer fetches them before this agreement, so
   every rank stops after this step and no rank trains on padding.
@@ -33,6 +35,7 @@ class Verdict:
     stop: bool
     save: bool
     out_of_data: bool = False
+    writing: bool = False  # some rank's background checkpoint write is not finished
 
 
 class StepChecks:
@@ -47,19 +50,19 @@ class StepChecks:
         """Called on each micro-batch's loss; stays on the device."""
         self.loss_bad = self.loss_bad | ~torch.isfinite(loss.detach())
 
-    def agree(self, grad_norm: torch.Tensor | None, has_next: bool = True) -> Verdict:
+    def agree(self, grad_norm: torch.Tensor | None, has_next: bool = True, writing: bool = False) -> Verdict:
         """Collective: call on every rank once per optimizer step, after the gradients are complete."""
         bad = self.loss_bad
         if grad_norm is not None:
             bad = bad | ~torch.isfinite(grad_norm.detach().float())
         due = self.save_every_s is not None and time.monotonic() - self.last_save >= self.save_every_s
-        host = torch.tensor([float(self.preemption.received is not None), float(due), float(not has_next)], device=self.strategy.device)
-        flags = self.strategy.all_reduce_sum(torch.cat([bad.float().reshape(1), host]))
-        nonfinite, stop, save, out = (v > 0 for v in flags.tolist())
+        host = [float(self.preemption.received is not None), float(due), float(not has_next), float(writing)]
+        flags = self.strategy.all_reduce_sum(torch.cat([bad.float().reshape(1), torch.tensor(host, device=self.strategy.device)]))
+        nonfinite, stop, save, out, still_writing = (v > 0 for v in flags.tolist())
         self.loss_bad = torch.zeros_like(self.loss_bad)
         if stop:
             self.preemption.acknowledge()
-        return Verdict(nonfinite, stop, save, out)
+        return Verdict(nonfinite, stop, save, out, still_writing)
 
     def everyone_has(self, has: bool) -> bool:
         """Collective: whether every rank has the first step's micro-batches."""

@@ -9,6 +9,7 @@ The run's parts live on the Trainer: the strategy (distributed/), the task (task
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 from accelerate.utils import set_seed
 
 from shardtune import ShardtuneError, failpoints
-from shardtune.checkpoint import METRICS_FILE, MODEL_DIR, choose_run_dir, export_model, find_checkpoint, save_checkpoint, save_config, step_dir, write_json
+from shardtune.checkpoint import (
+    METRICS_FILE, MODEL_DIR, begin_checkpoint, choose_run_dir, export_model, find_checkpoint, save_config, seal_checkpoint, step_dir,
+    write_json,
+)
 from shardtune.config import Config
 from shardtune.distributed import build_strategy
 from shardtune.guard import StepChecks, Verdict
@@ -61,6 +65,7 @@ class Trainer:
         self.run_dir = Path(s.from_main(str(choose_run_dir(cfg, config_name)) if s.is_main else None))
         self.ckpt = s.from_main(find_checkpoint(self.run_dir, cfg.train.resume) if s.is_main else None)
         self.task = build_task(cfg, s, load_tokenizer(cfg.model))
+        failpoints.hit("load", s.rank, 0)
         s.prepare(self.task.model)
         self.total = self.task.total_steps()
         # Stepped by hand on optimizer steps only; Accelerate's wrapper would step it once per process.
@@ -84,6 +89,7 @@ class Trainer:
         self.progress.write(f"mixed precision: {s.precision_note}")
         self.checks = StepChecks(s, cfg.train.save_every_minutes, preemption)
         self.window = Window()
+        self.pending = None  # a checkpoint being written in the background (checkpoint.PendingSave)
         self.data_position = None  # the task's position after the last step's batches (taken before the next step's)
         self.first_step = self.run.step
 
@@ -116,7 +122,7 @@ class Trainer:
                 stop = self.eval_and_select()
                 last_eval, self.window.start = run.step, time.perf_counter()  # throughput counts training time only
             if verdict.save or (self.cfg.train.save_every and (run.step % self.cfg.train.save_every == 0 or stop)):
-                self.checkpoint()
+                self.checkpoint(asynchronous=self.cfg.train.async_save and not stop)
                 self.checks.saved()
                 self.window.start = time.perf_counter()
             if verdict.out_of_data and run.step < self.total:
@@ -154,7 +160,10 @@ class Trainer:
         clock.add("optimizer", t1, clock.now())
         upcoming = self.fetch() if step < self.total else []  # its time is data time
         t2 = clock.now()
-        verdict = self.checks.agree(None if s.holds_back_nonfinite else norm, has_next=upcoming is not None)
+        writing = self.pending is not None and not self.pending.done()
+        verdict = self.checks.agree(None if s.holds_back_nonfinite else norm, has_next=upcoming is not None, writing=writing)
+        if self.pending is not None and not verdict.writing:  # every rank's background write is done: seal it
+            self.seal()
         applied = s.optimizer_step(skip=verdict.nonfinite)
         verdict.nonfinite = verdict.nonfinite or (not applied and not s.scales_loss)  # DeepSpeed skipped it itself
         lr = self.scheduler.get_last_lr()[0]
@@ -197,6 +206,7 @@ class Trainer:
     def eval_and_select(self) -> bool:
         """Eval; export the model when it is the best so far. True when early stopping says stop."""
         run, task = self.run, self.task
+        failpoints.hit("eval", self.strategy.rank, run.step)
         metrics = task.evaluate(self.strategy.model, "eval")
         self.tracker.log(metrics, run.step)
         rows = task.generations(self.strategy.model)
@@ -213,12 +223,24 @@ class Trainer:
             return True
         return False
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, asynchronous: bool = False) -> None:
+        """Checkpoint this step: written and sealed now, or (asynchronous) sealed at the first step where every
+        rank's background write is done. An earlier pending checkpoint is sealed first. Collective."""
+        self.seal()
         self.perf.settle(self.window, self.run)
         s, config = self.strategy, redact(self.cfg.to_dict())
-        state = TrainerState(run=self.run, world_size=s.world, strategy=s.name, scheduler=self.scheduler.state_dict(),
+        state = TrainerState(run=copy.deepcopy(self.run), world_size=s.world, strategy=s.name, scheduler=self.scheduler.state_dict(),
                              data=s.gather_objects(self.task.state_dict(self.data_position)), labels=self.task.labels, config=config)
-        save_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step)
+        self.pending = begin_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step,
+                                        asynchronous=asynchronous)
+        if not asynchronous:
+            self.seal()
+
+    def seal(self) -> None:
+        """Seal the pending checkpoint (waiting for this rank's write first). Collective."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            seal_checkpoint(self.strategy, self.run_dir, pending)
 
     def preempted(self) -> dict:
         """The checkpoint of this step is saved: requeue under Slurm and end the process's run cleanly (exit 0)."""
@@ -247,7 +269,11 @@ class Trainer:
     def finish(self, last_eval: int, started: float) -> dict:
         """Final eval, the best (or last) model exported to RUN/model, test metrics, metrics.json and the W&B summary."""
         s, run, task, model_dir = self.strategy, self.run, self.task, self.run_dir / MODEL_DIR
-        self.preemption.restore()
+        # Training is done: a stop signal from here on is recorded, not obeyed, so the final eval, test and export
+        # complete (a rank killed halfway would lose them); the TERM grace timer is off, as during a save.
+        self.preemption.acknowledge()
+        failpoints.hit("export", s.rank, 0)
+        self.seal()
         bytes_per_rank = s.state_bytes()  # training's peak, before final eval and export
         if task.has_split("eval") and last_eval != run.step:
             self.eval_and_select()
@@ -277,6 +303,8 @@ class Trainer:
             self.tracker.summary(result)
             shown = {k: round(v, 4) for k, v in result.items() if k.startswith(("test/", "best/"))}
             print(f"done: {shown} -> {self.run_dir}", flush=True)
+            if self.preemption.received:
+                print(f"signal {self.preemption.received} came after training, during the final eval or export: both were finished", flush=True)
         self.tracker.finish()
         s.end()
         return result

@@ -106,6 +106,15 @@ class Strategy:
         """Write model and optimizer state under ckpt (every rank its part); returns the files this rank wrote."""
         raise NotImplementedError
 
+    def save_async(self, ckpt: Path):
+        """Start writing model and optimizer state under ckpt; training may change them meanwhile. Returns a Future
+        whose result() is the files this rank wrote. This default saves at once (backends without async saves)."""
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        done.set_result(self.save(ckpt))
+        return done
+
     def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:
         """Load model and optimizer state from ckpt; None when everything was kept, else one sentence on what was not.
         `scratch`: a folder this run may write conversions into."""
@@ -247,6 +256,9 @@ class PlainStrategy(Strategy):
     def save(self, ckpt: Path) -> list[Path]:
         return dcp.save(self.model, self._torch_optimizer(), ckpt)
 
+    def save_async(self, ckpt: Path):
+        return _files_when_done(dcp.save_async(self.model, self._torch_optimizer(), ckpt), ckpt)
+
     def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:
         return load_into_dcp_strategy(self, ckpt, saved_strategy)
 
@@ -258,6 +270,23 @@ class PlainStrategy(Strategy):
 
     def end(self) -> None:
         self.acc.end_training()
+
+
+def _files_when_done(future, ckpt: Path):
+    """DCP's Future (of the checkpoint's metadata) as a Future of the files this rank wrote."""
+    from concurrent.futures import Future
+
+    files: Future = Future()
+
+    def done(f) -> None:
+        try:
+            f.result()
+            files.set_result(dcp.written(ckpt))
+        except BaseException as exc:  # noqa: BLE001  handed to whoever waits for the files
+            files.set_exception(exc)
+
+    future.add_done_callback(done)
+    return files
 
 
 def load_into_dcp_strategy(strategy: Strategy, ckpt: Path, saved_strategy: str) -> str | None:

@@ -33,8 +33,37 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -
     folder = Path(ckpt) / FOLDER
     with _one_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), no_dist=not comm.initialized())
+    return written(ckpt)
+
+
+def written(ckpt: Path) -> list[Path]:
+    """The files of ckpt/dcp this rank wrote (its shards; rank 0 the metadata too)."""
+    folder = Path(ckpt) / FOLDER
     mine = sorted(folder.glob(f"__{comm.rank()}_*.distcp"))
     return mine + ([folder / ".metadata"] if comm.rank() == 0 else [])
+
+
+_GROUP = None
+
+
+def _checkpoint_group():
+    """A gloo group of all ranks for the writer thread of async saves: its collectives must not interleave with the
+    training's on the default group (and async_save wants a CPU backend, which NCCL is not). Created once, by all."""
+    global _GROUP
+    if _GROUP is None and comm.initialized():
+        import torch.distributed as dist
+
+        _GROUP = dist.new_group(backend="gloo")
+    return _GROUP
+
+
+def save_async(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path):
+    """Stage every rank's shards in host memory now (a copy: training may go on changing them) and write them to
+    ckpt/dcp in a background thread; returns the Future (done when this rank's files are written)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _one_process():
+        return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(ckpt) / FOLDER),
+                              process_group=_checkpoint_group(), no_dist=not comm.initialized())
 
 
 @contextlib.contextmanager

@@ -118,6 +118,12 @@ class FSDPStrategy(Strategy):
         self._resharded()
         return dcp.save(self.model, self.optimizer, ckpt)
 
+    def save_async(self, ckpt: Path):
+        from shardtune.distributed.base import _files_when_done
+
+        self._resharded()
+        return _files_when_done(dcp.save_async(self.model, self.optimizer, ckpt), ckpt)
+
     def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:
         self._resharded()
         return load_into_dcp_strategy(self, ckpt, saved_strategy)
