@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from shardtune import ShardtuneError
 from shardtune.config import DataConfig
 from shardtune.data.records import folder_examples, label_folder, open_records
-from shardtune.data.workers import ignore_stop_signals
+from shardtune.data.workers import StopSafeLoader
 
 
 @dataclass
@@ -144,12 +144,5 @@ class PadCollator:
 def make_loader(dataset: Encoded, tokenizer, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=gen,
-        collate_fn=PadCollator(tokenizer),
-        num_workers=num_workers,
-        worker_init_fn=ignore_stop_signals,
-    )
+    return StopSafeLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=PadCollator(tokenizer),
+                          num_workers=num_workers)

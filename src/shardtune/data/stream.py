@@ -75,7 +75,7 @@ import json
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from shardtune import ShardtuneError
 from shardtune.config import CleanConfig, SourceSpec, StreamConfig  # noqa: F401  (defined with the config tree)
@@ -85,7 +85,7 @@ from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch,
 from shardtune.data.partitions import deal
 from shardtune.data.plan import SplitPlan, build_plan, first_difference, stream_settings
 from shardtune.data.sft import tokenize_examples
-from shardtune.data.workers import ignore_stop_signals
+from shardtune.data.workers import StopSafeLoader
 
 __all__ = ["StreamConfig", "SourceSpec", "CleanConfig", "StreamLoader", "merge_states", "lockstep", "preview"]
 
@@ -280,8 +280,7 @@ class StreamLoader:
         """The next batch without consuming it (None when this rank has no more)."""
         while self._peeked is None and not self._exhausted:
             if self._it is None:
-                dl = DataLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
-                                worker_init_fn=ignore_stop_signals)
+                dl = StopSafeLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough)
                 self._it = iter(dl)
             item = next(self._it, None)
             if item is None:

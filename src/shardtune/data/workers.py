@@ -16,6 +16,11 @@ loader iterator is still alive (an endless stream at the end of training).
 So the signals are blocked in the worker and a thread takes them with
 sigwaitinfo, which tells who sent each: SIGTERM from the parent exits at
 once, as torch's own worker handler does; everything else is dropped.
+
+A worker is started (forked) before its worker_init_fn runs, and a signal in
+between would still kill it: `StopSafeLoader` blocks the stop signals in the
+rank while it starts its workers, so they begin life with them blocked (a
+signal to the rank in that moment waits and is taken right after).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+from torch.utils.data import DataLoader
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
@@ -38,3 +45,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     """worker_init_fn: block the stop signals here (threads started later inherit the mask) and take them in a thread."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_take_signals, name="shardtune-stop-signals", daemon=True).start()
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers never see a stop signal: blocked from their fork, then taken by `ignore_stop_signals`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, worker_init_fn=ignore_stop_signals if kwargs.get("num_workers") else None)
+
+    def _get_iterator(self):  # DataLoader's one place that starts the workers
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

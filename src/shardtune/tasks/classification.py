@@ -26,12 +26,12 @@ from shardtune.tasks import Sizes
 
 
 def _loader(dataset, index_lists, tokenizer, workers: int) -> DataLoader:
-    from shardtune.data.workers import ignore_stop_signals
+    from shardtune.data.workers import StopSafeLoader
 
     # its own generator: a loader without one draws its workers' base seed from the global RNG when it starts,
     # which would move the dropout stream of a resumed run against the uninterrupted one
-    return DataLoader(dataset, batch_sampler=index_lists, collate_fn=PadCollator(tokenizer), num_workers=workers,
-                      worker_init_fn=ignore_stop_signals if workers else None, generator=torch.Generator().manual_seed(0))
+    return StopSafeLoader(dataset, batch_sampler=index_lists, collate_fn=PadCollator(tokenizer), num_workers=workers,
+                          generator=torch.Generator().manual_seed(0))
 
 
 class ClassificationTask:

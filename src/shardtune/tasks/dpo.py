@@ -149,12 +149,10 @@ class DPOTask:
         return t.max_steps or math.ceil(t.epochs * self.steps.steps_per_epoch())
 
     def _loader(self, pairs: list[Pair], index_lists) -> DataLoader:
-        from shardtune.data.workers import ignore_stop_signals
+        from shardtune.data.workers import StopSafeLoader
 
-        workers = self.cfg.data.num_workers
-        return DataLoader(_Pairs(pairs), batch_sampler=index_lists, collate_fn=lambda b: collate_pairs(b, self.pad),
-                          num_workers=workers, worker_init_fn=ignore_stop_signals if workers else None,
-                          generator=torch.Generator().manual_seed(0))
+        return StopSafeLoader(_Pairs(pairs), batch_sampler=index_lists, collate_fn=lambda b: collate_pairs(b, self.pad),
+                              num_workers=self.cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
 
     def batches(self) -> Iterator[dict]:
         epoch, start = self._position["epoch"], self._position["samples"]
