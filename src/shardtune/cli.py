@@ -130,7 +130,7 @@ def auto_strategy(cfg, gpus: int, nodes: int, gpu_memory: int | None = None) -> 
     return ("single_gpu" if strategy == "ddp" and gpus * nodes == 1 else strategy), why
 
 
-def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
     import signal
 
     import torch
@@ -169,6 +169,7 @@ def cmd_launch(args: argparse.Namespace, extra: list[str]) -> int:
     # handle it; ignored here, it stays ignored across exec in the agent. Exec, not a child: no process
     # between Slurm and the agent that SIGTERM could end early (the step ends when its task does).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.environ["SHARDTUNE_LAUNCH_COMMAND"] = command  # the ranks' way to say how to resume the launch (set only here: exec)
     os.execv(cmd[0], cmd)
 
 
@@ -310,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "launch":
-            os.environ["SHARDTUNE_LAUNCH_COMMAND"] = command  # the ranks' way to say how to resume the launch
-            return cmd_launch(args, extra)
+            return cmd_launch(args, extra, command)
         if args.command == "train":
             from shardtune import trainer
 
