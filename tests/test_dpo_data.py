@@ -193,7 +193,7 @@ def test_shipped_pairs_are_rebuilt_identically_and_all_usable(tmp_path):
     assert out.read_bytes() == DATA.read_bytes()
     records = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert len(records) >= 100 and all(r["chosen"] != r["rejected"] for r in records)
-    dpo = yaml.safe_load((ROOT / "configs" / "draft" / "smollm2-dpo-lora.yaml").read_text())["data"]["dpo"]
+    dpo = yaml.safe_load((ROOT / "configs" / "smollm2-dpo-lora.yaml").read_text())["data"]["dpo"]
     tokenizer = AutoTokenizer.from_pretrained(packaged_model("smollm2-135m"))
     shipped = DpoConfig(**dpo)
     for r in records:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -74,7 +75,7 @@ def test_cuda_without_cuda_is_not_native():
     assert native_bf16("cuda") == (False, "CUDA is not available")
 
 
-def test_the_peak_is_measured_once_per_process_and_dtype(monkeypatch):
+def test_the_peak_is_measured_once_per_process_and_dtype(monkeypatch, tmp_path):
     calls = []
     real = hardware._matmul_seconds
 
@@ -91,6 +92,13 @@ def test_the_peak_is_measured_once_per_process_and_dtype(monkeypatch):
     assert len(calls) == measured  # cached: nothing timed again
     again = matmul_peak_flops(torch.float32, "cpu", budget_s=0.05, max_size=256, refresh=True)
     assert len(calls) > measured
-    assert mfu_peak("cpu", "no")[0] == again  # train/mfu on CPU divides by that same number
+    # train/mfu on CPU divides by that number, kept per machine in $SHARDTUNE_CACHE: measured once, then read
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path))
+    before = len(calls)
+    assert mfu_peak("cpu", "no")[0] == again
+    assert len(calls) == before  # this process had measured it already
+    monkeypatch.setattr(hardware, "_PEAKS", {})
+    assert mfu_peak("cpu", "no")[0] == json.loads((tmp_path / "cpu-peaks.json").read_text()).popitem()[1]
+    assert len(calls) == before  # read from the file, not timed again
     assert "measured fp32 matmul peak" in mfu_peak("cpu", "no")[1]
     assert mfu_peak("cpu", "bf16", measure=False) == (None, "peak measurement off")

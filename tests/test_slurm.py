@@ -55,7 +55,10 @@ def _submit(slurm: LocalSlurm, tiny_bert: Path, run: Path) -> str:
     """`shardtune launch --slurm` on 2 nodes, 1 CPU rank each: renders slurm/multinode.sbatch beside the run folder and submits it."""
     cmd = [sys.executable, "-m", "shardtune.cli", "launch", str(QS), *_overrides(tiny_bert, run), "--slurm", "--nodes", "2",
            "--gpus-per-node", "0", "--processes", "1", "--strategy", "cpu", "--time", "30:00"]
-    proc = subprocess.run(cmd, env=slurm.env, cwd=run.parent, capture_output=True, text=True, timeout=120)
+    # one thread per rank, as torchrun gives the 2 ranks of one node in _sbatch_train: the same matmul blocking, so
+    # the same losses to the last bit whichever layout ran them
+    env = {**slurm.env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=run.parent, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"job script: {run.parent / (run.name + '.sbatch')}" in proc.stdout, proc.stdout
     return re.search(r"^Submitted batch job (\d+)$", proc.stdout, re.M).group(1)
