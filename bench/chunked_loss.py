@@ -205,7 +205,6 @@ def main() -> int:
             for arm in arms[r % len(arms):] + arms[: r % len(arms)]:
                 res = run_arm(a, arm, data, Path(tmp), r)
                 results[arm].append(res)
-                timed = res["step_s"][1:] or res["step_s"]
                 print(f"round {r + 1} {arm:8s} peak {res['peak'] / 2**20:7.0f} MiB, after load {res['after_load'] / 2**20:6.0f} MiB, "
                       f"steps {', '.join(f'{t:.1f}' for t in res['step_s'])} s, losses {res['losses']}, load {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)
