@@ -3,7 +3,7 @@
 # packages the GPU image lacks from carried wheels (.whl/, no index), checks nvidia-smi, and runs
 # bench/gpu_bench.py, which prints the plans and, last, one table: tokens/s, MFU and peak memory of
 # SmolLM2-135M, the 1B Llama and MiniLM (plain loop: eager / checkpointing / torch.compile), of
-# `shardtune launch --strategy single_gpu|zero2|zero3 --gpus 1` on the 1B model and of `shardtune
+# `shardtune launch --strategy single_gpu|zero2|zero3|fsdp --gpus 1` on the 1B model and of `shardtune
 # train`, each against `shardtune plan`'s memory estimate. Sized to finish in under 8 minutes on one
 # H200 (--budget 420 s for the arms; an arm that fails or times out is a row with its error).
 #

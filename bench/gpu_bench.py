@@ -25,7 +25,7 @@ Arms, each in its own process, so that a crash, an OOM or a timeout fails one ro
           compiled region when compiled. Timing: the warmup steps (compilation included) are untimed;
           torch.cuda.synchronize(), the timed steps, synchronize. Peak memory: max_memory_allocated /
           max_memory_reserved over the variant, counted from the allocation before the model was built.
-  launch  `shardtune launch CONFIG --strategy {single_gpu,zero2,zero3} --gpus 1` on the 1B model, no
+  launch  `shardtune launch CONFIG --strategy {single_gpu,zero2,zero3,fsdp} --gpus 1` on the 1B model, no
           checkpointing, the loop arm's micro-batch; throughput, step time and (where the loop logs
           them) memory/peak_* and train/mfu come from RUN/log.jsonl, medians over the steps after warmup.
   train   `shardtune train` (one process, no launcher) on the SmolLM2 shape, eager, no checkpointing:
@@ -77,7 +77,7 @@ MODELS = {  # key -> (config file, micro-batch, sequence)
     "minilm-l6": ("cls-minilm.yaml", 32, 128),
 }
 VARIANTS = ("eager", "ckpt", "compile", "compile+ckpt")
-STRATEGIES = ("single_gpu", "zero2", "zero3")
+STRATEGIES = ("single_gpu", "zero2", "zero3", "fsdp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

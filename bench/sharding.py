@@ -1,10 +1,10 @@
-"""Sharding: per-rank optimizer-state, parameter and peak-RSS bytes, and step time, per strategy.
+"""Sharding: per-rank optimizer-state, parameter, gradient and peak-RSS bytes, and step time, per strategy.
 
 Every number comes from a real 2-process CPU run started with the CLI, exactly as
 a user would (`shardtune launch configs/quickstart.yaml --strategy S --gpus 0
 --processes 2 ...`), one run per strategy: cpu (DDP over gloo), zero1, zero2,
-zero3, zero3_offload. fsdp is printed as "n/a (GPU only)": Accelerate enables
-FSDP only for GPU process groups and `shardtune launch` refuses it on CPU.
+zero3, zero3_offload and fsdp (FSDP2: torch's `fully_shard` per transformer
+block and at the root, on gloo; shardtune.distributed.fsdp).
 
 Model: a BERT built from a `BertConfig` (default hidden 256, 4 layers, 4 heads,
 intermediate 1024; about 11M parameters, most of them the 30,522-row word
@@ -16,13 +16,16 @@ fp32 (`train.mixed_precision: "no"`), no tracking, log_every=1.
 
 What is read back (nothing is measured by this script itself):
 
-  metrics.json  `dist/optim_state_bytes`, `dist/param_bytes`, `dist/peak_rss_bytes`,
+  metrics.json  `dist/optim_state_bytes`, `dist/param_bytes`, `dist/grad_bytes`, `dist/peak_rss_bytes`,
                 one value per rank (`Strategy.state_bytes` (shardtune.distributed), taken after the
                 last step). Optimizer state = every non-scalar tensor in the state
                 of the innermost torch optimizer (under DeepSpeed: the one that
                 steps this rank's flat partition), i.e. the Adam moments. Params =
                 this rank's part of every parameter (the ZeRO-3 `ds_tensor`
-                partition, else the whole tensor). Peak RSS = ru_maxrss of the rank.
+                partition, FSDP2's DTensor shard, else the whole tensor). Grads = the
+                most gradient bytes the rank held after a backward of the first step
+                (ZeRO-2/3: its flat partition; FSDP2: the sharded .grad). Peak RSS =
+                ru_maxrss of the rank.
   log.jsonl     per-step `train/samples_per_s` (global samples over rank 0's time
                 for that step); step time = global batch / that, median over the
                 steps after --warmup; shown relative to the cpu (DDP) run.
@@ -33,10 +36,12 @@ class shardtune builds) and N = processes:
   ZeRO paper, mixed precision (fp16 params+grads, fp32 master+Adam moments,
   "K=12"): DDP 16Ψ, ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N bytes/rank.
   These runs are fp32, so the checked quantities are the fp32 equivalents:
-  Adam moments 8Ψ per rank under DDP and 8Ψ/N under every ZeRO stage; parameters
-  4Ψ, or 4Ψ/N under ZeRO-3. The ratio columns are measured / predicted.
+  Adam moments 8Ψ per rank under DDP and 8Ψ/N under every ZeRO stage and FSDP2;
+  parameters 4Ψ, or 4Ψ/N under ZeRO-3 and FSDP2; gradients 4Ψ under DDP and
+  ZeRO-1, 4Ψ/N under ZeRO-2, ZeRO-3 and FSDP2. The ratio columns are measured /
+  predicted.
 
-Not in metrics.json (so not checked here): gradients, DDP's bucket copies,
+Not in metrics.json (so not checked here): DDP's bucket copies,
 DeepSpeed's flat and communication buffers, and DeepSpeed's fp32 master
 partition. Even in fp32, DeepSpeed 0.19 keeps that master partition as a
 separate clone at every stage (`stage_1_and_2.py` always clones it; `stage3.py`
@@ -55,7 +60,7 @@ rounds and takes the median of the per-run medians). On CPU with gloo and a
 shared 2-core machine they say how much ZeRO's extra collectives and bookkeeping
 cost here, and nothing about GPU speed.
 
-Run: .venv/bin/python bench/sharding.py   (about 4-6 minutes on a 2-core CPU)
+Run: .venv/bin/python bench/sharding.py   (about 5-7 minutes on a 2-core CPU)
 """
 
 from __future__ import annotations
@@ -72,8 +77,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STRATEGIES = ["cpu", "zero1", "zero2", "zero3", "zero3_offload"]
-GPU_ONLY = ["fsdp"]
+STRATEGIES = ["cpu", "zero1", "zero2", "zero3", "zero3_offload", "fsdp"]
 LABELS = ["fresh", "rotten"]  # shardtune's order: sorted label names
 
 ENV = {
@@ -104,7 +108,7 @@ def parse_args() -> argparse.Namespace:
     a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     bad = set(a.strategies) - set(STRATEGIES)
     if bad:
-        p.error(f"unknown or GPU-only strategies {sorted(bad)}; on CPU use {', '.join(STRATEGIES)}")
+        p.error(f"unknown strategies {sorted(bad)}; on CPU use {', '.join(STRATEGIES)}")
     if not 0 <= a.warmup < a.steps - 1:
         p.error("--warmup must leave at least 2 timed steps")
     return a
@@ -175,20 +179,23 @@ def run_one(a, strategy: str, model_dir: Path, out: Path) -> dict:
     step_s = statistics.median(global_batch / s for s in sps[a.warmup:])
     return {
         "strategy_seen": m.get("dist/strategy"), "processes": m.get("dist/num_processes"),
-        "optim": m["dist/optim_state_bytes"], "param": m["dist/param_bytes"], "rss": m.get("dist/peak_rss_bytes"),
+        "optim": m["dist/optim_state_bytes"], "param": m["dist/param_bytes"], "grad": m["dist/grad_bytes"],
+        "rss": m.get("dist/peak_rss_bytes"),
         "step_s": step_s, "wall_s": wall,
     }
 
 
 def predicted(strategy: str, psi: int, n: int) -> dict[str, float]:
-    zero = strategy.startswith("zero")
-    stage3 = strategy.startswith("zero3")
+    zero = strategy.startswith("zero") or strategy == "fsdp"  # optimizer state sharded
+    stage3 = strategy.startswith("zero3") or strategy == "fsdp"  # parameters sharded
+    grads_sharded = stage3 or strategy == "zero2"
     paper = {"cpu": 16 * psi, "zero1": 4 * psi + 12 * psi / n, "zero2": 2 * psi + 14 * psi / n}.get(strategy, 16 * psi / n)
     fp32 = {"cpu": 16 * psi, "zero1": 8 * psi + 8 * psi / n, "zero2": 4 * psi + 12 * psi / n}.get(strategy, 16 * psi / n)
     ds_fp32 = {"cpu": 16 * psi, "zero1": 8 * psi + 12 * psi / n, "zero2": 4 * psi + 16 * psi / n}.get(strategy, 20 * psi / n)
     return {
         "optim": 8 * psi / n if zero else 8 * psi,
         "param": 4 * psi / n if stage3 else 4 * psi,
+        "grad": 4 * psi / n if grads_sharded else 4 * psi,
         "paper_states": paper,  # mixed precision, ZeRO paper
         "fp32_states": fp32,  # params 4Ψ + grads 4Ψ + moments 8Ψ, sharded per stage, no separate master copy
         "ds_fp32_states": ds_fp32,  # as DeepSpeed builds it: + a cloned fp32 master partition 4Ψ/N
@@ -224,23 +231,23 @@ def print_table(a, psi: int, results: dict[str, list[dict]], load: tuple[float, 
     base = statistics.median(r["step_s"] for r in results["cpu"]) if "cpu" in results else None
     print(
         "| strategy | optim state MB/rank | predicted | ratio | params MB/rank | predicted | ratio "
-        "| peak RSS MiB/rank | step ms (median) | step time vs DDP | run wall s |"
+        "| grads MB/rank | predicted | ratio | peak RSS MiB/rank | step ms (median) | step time vs DDP | run wall s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, runs in results.items():
         r, p = runs[0], predicted(s, psi, n)  # bytes are deterministic; every repeat is checked equal below
         step = statistics.median(x["step_s"] for x in runs)
         rss = fmt_ranks(r["rss"], 2**20, 0) if r["rss"] else "not recorded"
         vs = f"{step / base:.2f}x" if base else "-"
         opt_pred = f"8Ψ/N = {p['optim'] / MB:.2f}" if s != "cpu" else f"8Ψ = {p['optim'] / MB:.2f}"
-        par_pred = f"4Ψ/N = {p['param'] / MB:.2f}" if s.startswith("zero3") else f"4Ψ = {p['param'] / MB:.2f}"
+        par_pred = f"4Ψ{'/N' if p['param'] < 4 * psi else ''} = {p['param'] / MB:.2f}"
+        grad_pred = f"4Ψ{'/N' if p['grad'] < 4 * psi else ''} = {p['grad'] / MB:.2f}"
         print(
             f"| {s}{' (DDP)' if s == 'cpu' else ''} | {fmt_ranks(r['optim'])} | {opt_pred} | {fmt_ratio(r['optim'], p['optim'])} "
-            f"| {fmt_ranks(r['param'])} | {par_pred} | {fmt_ratio(r['param'], p['param'])} | {rss} "
+            f"| {fmt_ranks(r['param'])} | {par_pred} | {fmt_ratio(r['param'], p['param'])} "
+            f"| {fmt_ranks(r['grad'])} | {grad_pred} | {fmt_ratio(r['grad'], p['grad'])} | {rss} "
             f"| {step * 1e3:.0f} | {vs} | {statistics.median(x['wall_s'] for x in runs):.0f} |"
         )
-    for s in GPU_ONLY:
-        print(f"| {s} | n/a (GPU only) | | | n/a (GPU only) | | | n/a (GPU only) | n/a (GPU only) | n/a (GPU only) | |")
 
 
 def main() -> int:
@@ -256,7 +263,7 @@ def main() -> int:
             order = a.strategies[rnd % len(a.strategies):] + a.strategies[: rnd % len(a.strategies)]
             for s in order:
                 res = run_one(a, s, model_dir, root / f"{s}-{rnd}")
-                if res["processes"] != a.processes or res["strategy_seen"] != s.replace("cpu", "multi_cpu"):
+                if res["processes"] != a.processes or res["strategy_seen"] != s:
                     raise SystemExit(f"{s}: the run reports strategy {res['strategy_seen']} on {res['processes']} processes")
                 if results[s] and (res["optim"], res["param"]) != (results[s][0]["optim"], results[s][0]["param"]):
                     raise SystemExit(f"{s}: state bytes differ between repeats: {res} vs {results[s][0]}")

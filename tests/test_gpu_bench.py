@@ -19,7 +19,8 @@ ARMS = [
     ("llama-1b", "loop compile", "single_gpu", False), ("llama-1b", "loop compile+ckpt", "single_gpu", True),
     ("minilm-l6", "loop eager", "single_gpu", False),
     ("llama-1b", "launch single_gpu", "single_gpu", False), ("llama-1b", "launch zero2", "zero2", False),
-    ("llama-1b", "launch zero3", "zero3", False), ("smollm2-135m", "shardtune train", "single_gpu", False),
+    ("llama-1b", "launch zero3", "zero3", False), ("llama-1b", "launch fsdp", "fsdp", False),
+    ("smollm2-135m", "shardtune train", "single_gpu", False),
 ]
 
 

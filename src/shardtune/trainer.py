@@ -225,7 +225,9 @@ class Trainer:
 
     def checkpoint(self, asynchronous: bool = False) -> None:
         """Checkpoint this step: written and sealed now, or (asynchronous) sealed at the first step where every
-        rank's background write is done. An earlier pending checkpoint is sealed first. Collective."""
+        rank's background write is done. An earlier pending checkpoint is sealed first. Logs how long training
+        waited for it (`checkpoint/blocked_s`: all of it when synchronous, the copy to host memory when not). Collective."""
+        started = time.perf_counter()
         self.seal()
         self.perf.settle(self.window, self.run)
         s, config = self.strategy, redact(self.cfg.to_dict())
@@ -234,13 +236,16 @@ class Trainer:
         self.pending = begin_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step,
                                         asynchronous=asynchronous)
         if not asynchronous:
-            self.seal()
+            self.seal(log=False)
+        self.tracker.log({"checkpoint/blocked_s": time.perf_counter() - started, "checkpoint/async": float(asynchronous)}, self.run.step)
 
-    def seal(self) -> None:
-        """Seal the pending checkpoint (waiting for this rank's write first). Collective."""
+    def seal(self, log: bool = True) -> None:
+        """Seal the pending checkpoint (waiting for this rank's write first); logs `checkpoint/seal_s`. Collective."""
         if self.pending is not None:
-            pending, self.pending = self.pending, None
+            pending, self.pending, started = self.pending, None, time.perf_counter()
             seal_checkpoint(self.strategy, self.run_dir, pending)
+            if log:
+                self.tracker.log({"checkpoint/seal_s": time.perf_counter() - started, "checkpoint/sealed_step": pending.step}, self.run.step)
 
     def preempted(self) -> dict:
         """The checkpoint of this step is saved: requeue under Slurm and end the process's run cleanly (exit 0)."""
