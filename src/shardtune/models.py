@@ -117,13 +117,24 @@ def attention(cfg: ModelConfig) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
+# The dropout probabilities of causal-LM configs (Llama: attention_dropout; GPT-2: *_pdrop; others: dropout, hidden_dropout).
+LM_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def _dropout_overrides(mcfg, p: float | None) -> dict[str, float]:
+    """model.dropout for every dropout probability `mcfg` has ({} when model.dropout is unset)."""
+    return {} if p is None else {k: p for k in LM_DROPOUT_KEYS if isinstance(getattr(mcfg, k, None), (int, float))}
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     try:
         if cfg.init == "pretrained":
+            source = resolve_model(cfg.name_or_path)
+            drop = _dropout_overrides(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code), cfg.dropout)
             model = AutoModelForCausalLM.from_pretrained(
-                resolve_model(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code, attn_implementation=attention(cfg)
+                source, trust_remote_code=cfg.trust_remote_code, attn_implementation=attention(cfg), **drop
             )
         else:
             if cfg.preset is not None:
@@ -135,6 +146,8 @@ def load_causal_lm(cfg: ModelConfig, tokenizer):
             for key, value in cfg.arch.items():
                 if not hasattr(mcfg, key):
                     raise ShardtuneError(f"model.arch.{key} is not a field of {type(mcfg).__name__}; check the spelling.")
+                setattr(mcfg, key, value)
+            for key, value in _dropout_overrides(mcfg, cfg.dropout).items():
                 setattr(mcfg, key, value)
             if tokenizer.eos_token_id is not None:
                 mcfg.eos_token_id = tokenizer.eos_token_id
