@@ -42,9 +42,43 @@ def test_max_new_tokens_bounds_the_continuation(lm_run):
     assert longer.startswith(short) and len(longer) > len(short)
 
 
-def test_sampling_is_seeded(run_cli, lm_run):
-    runs = [run_cli("generate", lm_run, "A film", "--temperature", 1.5, "--seed", 7, "--max-new-tokens", 16) for _ in range(2)]
-    assert runs[0][0] == 0 and runs[0] == runs[1], runs[0][2]
+def _argmax_decode(model, tokenizer, prompt: str, n: int) -> str:
+    """Greedy decoding by hand: append the most likely next token, n times (no cache, no generate())."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_greedy_is_argmax_decoding(run_cli, lm_run):
+    from shardtune.generate import load_for_generate
+
+    model, tokenizer = load_for_generate(lm_run)
+    model.eval()
+    want = _argmax_decode(model, tokenizer, "A film", 12)
+    for flags in ([], ["--temperature", 0], ["--temperature", 0, "--seed", 3]):  # the default is greedy; a seed changes nothing
+        code, out, err = run_cli("generate", lm_run, "A film", "--max-new-tokens", 12, *flags)
+        assert code == 0 and out.rstrip("\n") == want, (flags, out, want, err)
+
+
+def test_sampling_follows_the_temperature_and_the_seed(run_cli, lm_run):
+    """At temperature > 0 the text depends on the seed (and the same seed gives it again); a tiny temperature is
+    greedy again, so the temperature itself reaches the sampler (not just do_sample)."""
+    def gen(temperature, seed):
+        code, out, err = run_cli("generate", lm_run, "A film", "--temperature", temperature, "--seed", seed, "--max-new-tokens", 16)
+        assert code == 0, err
+        return out
+
+    sampled = {seed: gen(1.5, seed) for seed in (1, 2, 3)}
+    assert len(set(sampled.values())) == 3, sampled
+    assert gen(1.5, 2) == sampled[2]
+    greedy = run_cli("generate", lm_run, "A film", "--max-new-tokens", 16)[1]
+    assert greedy not in sampled.values()
+    assert all(gen(1e-4, seed) == greedy for seed in (1, 2))
 
 
 def test_adapter_folder_loads_on_the_base_it_names(lm_run, tmp_path, monkeypatch):
