@@ -29,7 +29,7 @@ SLURM_DEBS := slurmctld slurmd slurm-client munge
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup corpus slurm quickstart test bench clean
+.PHONY: setup corpus slurm quickstart test mutations bench clean
 
 setup: $(STAMP) corpus
 
@@ -63,6 +63,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP) corpus slurm
 	$(PY) -m pytest -q tests
+
+# Each one-line mutation of src/ (tests/mutations.py) must make its tests fail; several minutes.
+mutations: $(STAMP)
+	$(PY) tests/mutations.py
 
 bench: $(STAMP)
 	$(PY) bench/step_overhead.py
