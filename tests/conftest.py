@@ -16,6 +16,9 @@ os.environ.pop("WANDB_MODE", None)
 os.environ["WANDB_SILENT"] = "true"
 os.environ["NETRC"] = os.devnull  # a developer's real W&B login must not turn tests online
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# `train.mixed_precision: auto` resolves to fp32 on every machine the suite runs on: the runs it compares (across
+# layouts, to 1e-6) are fp32 runs whatever the CPU; tests of bf16 ask for it, tests/test_hardware.py tests auto itself
+os.environ["SHARDTUNE_AUTO_PRECISION"] = "no"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # wandb_reader

@@ -55,9 +55,18 @@ def test_this_machines_answer_agrees_with_pytorchs_own_cpu_detection():
     assert ok == bool(hardware._torch_cpu_bf16())
 
 
-def test_auto_resolves_to_bf16_only_where_native_and_says_why():
-    assert resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4) == ("bf16", "auto chose bf16: this CPU has avx512_bf16")
-    choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN3)
+def _peaks(bf16: float, fp32: float):
+    return lambda dtype: bf16 if dtype == torch.bfloat16 else fp32
+
+
+def test_auto_resolves_to_bf16_only_where_native_and_measured_faster_and_says_why(monkeypatch):
+    monkeypatch.delenv(hardware.AUTO_ENV)  # the suite pins auto to no (conftest); here auto decides
+    choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4, peak=_peaks(600e9, 190e9))
+    assert (choice, why) == ("bf16", "auto chose bf16: this CPU has avx512_bf16 (measured bf16 matmul peak 600 GFLOP/s vs fp32 190 GFLOP/s)")
+    # the flag is there, the speed is not (a VM measured at 16 vs 27 GFLOP/s): fp32, and the run says why
+    choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4, peak=_peaks(16e9, 27e9))
+    assert choice == "no" and "this CPU has avx512_bf16, but its measured bf16 matmul peak 16 GFLOP/s vs fp32 27 GFLOP/s" in why
+    choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN3, peak=lambda dtype: pytest.fail("nothing to measure"))
     assert choice == "no" and why.startswith("auto chose no (fp32): this CPU has neither")
 
 
@@ -102,3 +111,12 @@ def test_the_peak_is_measured_once_per_process_and_dtype(monkeypatch, tmp_path):
     assert len(calls) == before  # read from the file, not timed again
     assert "measured fp32 matmul peak" in mfu_peak("cpu", "no")[1]
     assert mfu_peak("cpu", "bf16", measure=False) == (None, "peak measurement off")
+
+
+def test_auto_can_be_pinned_for_every_machine(monkeypatch):
+    monkeypatch.setenv(hardware.AUTO_ENV, "bf16")
+    assert resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN3) == ("bf16", f"auto chose bf16: {hardware.AUTO_ENV}=bf16")
+    assert resolve_mixed_precision("no", "cpu", cpuinfo=ZEN4) == ("no", "no as configured")  # only auto is pinned
+    monkeypatch.setenv(hardware.AUTO_ENV, "fp8")
+    with pytest.raises(ShardtuneError, match="must be no or bf16"):
+        resolve_mixed_precision("auto", "cpu")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +83,35 @@ def native_bf16(device: Device, cpuinfo: Optional[str] = None) -> tuple[bool, st
     return False, f"native bf16 is not detected on {device.type} devices"
 
 
-def resolve_mixed_precision(requested: str, device: Device, cpuinfo: Optional[str] = None) -> tuple[str, str]:
+AUTO_ENV = "SHARDTUNE_AUTO_PRECISION"  # no | bf16: what auto resolves to, the same on every machine (the test suite sets no)
+BF16_WIN = 1.2  # on CPU, auto takes bf16 only when its measured matmul peak is at least this many times fp32's
+
+
+def resolve_mixed_precision(requested: str, device: Device, cpuinfo: Optional[str] = None,
+                            peak: Optional[Callable[[torch.dtype], float]] = None) -> tuple[str, str]:
     """train.mixed_precision -> (the choice: "no" | "bf16" | "fp16", why). auto is bf16 where native, else no;
-    an explicit value passes through (with a note when bf16 is not native there)."""
+    an explicit value passes through (with a note when bf16 is not native there).
+
+    On a CPU the flags are not the last word: a virtual machine can report avx512_bf16 while oneDNN's bf16 matmul
+    runs slower than fp32 (measured: 16 vs 27 GFLOP/s on a Xeon VM with the flag). So auto also compares the
+    measured matmul peaks (`peak`, default `cpu_peak_cached`: measured once per machine) and keeps fp32 unless
+    bf16 is at least BF16_WIN times faster."""
     if requested not in MIXED_PRECISION:
         raise ShardtuneError(f"train.mixed_precision={requested!r} is not one of {', '.join(MIXED_PRECISION)}; pick one of those.")
+    if requested == "auto" and os.environ.get(AUTO_ENV):
+        pinned = os.environ[AUTO_ENV]
+        if pinned not in ("no", "bf16"):
+            raise ShardtuneError(f"{AUTO_ENV}={pinned!r} must be no or bf16 (what train.mixed_precision: auto resolves to); unset it to detect.")
+        return pinned, f"auto chose {pinned}: {AUTO_ENV}={pinned}"
     if requested == "auto":
         ok, why = native_bf16(device, cpuinfo)
+        if ok and torch.device(device).type == "cpu":
+            peak = peak or cpu_peak_cached
+            bf16, fp32 = peak(torch.bfloat16), peak(torch.float32)
+            speeds = f"measured bf16 matmul peak {bf16 / 1e9:.0f} GFLOP/s vs fp32 {fp32 / 1e9:.0f} GFLOP/s"
+            if bf16 < BF16_WIN * fp32:
+                return "no", f"auto chose no (fp32): {why}, but its {speeds} (bf16 needs {BF16_WIN}x to be chosen)"
+            why = f"{why} ({speeds})"
         return ("bf16", f"auto chose bf16: {why}") if ok else ("no", f"auto chose no (fp32): {why}")
     if requested == "bf16":
         ok, why = native_bf16(device, cpuinfo)
