@@ -235,3 +235,32 @@ def test_resume_never_beside_a_checkpoint_is_refused_unless_overwrite_then_start
     rows = _train_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 1, 2, 3, 4]  # log.jsonl appends: the second run's steps follow
     assert {r["step"]: r["train/loss"] for r in rows[4:]} == first
+
+
+# ---------------------------------------------------------------- secrets in what a run writes
+
+
+def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_config(monkeypatch, tiny_bert, tmp_path, run_cli):
+    """In-process, W&B offline: a W&B-key-shaped run name and an HF token among the tags are redacted in the written
+    config.yaml, in the checkpoint's trainer_state.json and in the offline run's config."""
+    import yaml
+
+    import wandb_reader
+    from shardtune.tracking import REDACTED
+
+    key, token = "0123456789abcdef" * 2 + "01234567", "hf_" + "Xy7" * 12
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 1, "train.save_every": 1, "train.eval_every": None,
+                                             "tracking.report_to": "[wandb]", "tracking.run_name": key, "tracking.tags": f"[ci, {token}]"})
+    code, _, err = run_cli("train", QS, *over)
+    assert code == 0, err[-3000:]
+    written = {"config.yaml": (run / "config.yaml").read_text(),
+               "trainer_state.json": (run / "checkpoints" / "step-00000001" / "trainer_state.json").read_text(),
+               "W&B config": json.dumps(wandb_reader.config(wandb_reader.run_file(run)))}
+    for where, text in written.items():
+        assert key not in text and token not in text, where
+    tracking = yaml.safe_load(written["config.yaml"])["tracking"]
+    assert tracking["run_name"] == REDACTED and tracking["tags"] == ["ci", REDACTED]
+    assert json.loads(written["trainer_state.json"])["config"]["tracking"] == tracking
+    assert json.loads(written["W&B config"])["tracking"]["tags"] == ["ci", REDACTED]
