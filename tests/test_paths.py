@@ -1,6 +1,7 @@
 """README claims with no test of their own before: a non-finite grad norm skips the step on every rank, hub specs,
 W&B's WANDB_MODE over a key, `optim.max_grad_norm: null`, `optim.warmup_ratio`, `data.validation_sources` with
-`train.eval_batches`, `train.resume: never`. In-process runs of a tiny model, one 2-rank launch."""
+`train.eval_batches`, `train.resume: never`, secrets in what a run writes, LoRA SFT on 2 ranks. In-process runs of
+tiny models, two 2-rank launches."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import forklaunch
 from conftest import ROOT, lm_overrides, tiny_overrides
 from test_faults import _rank_state
+from test_lora import tiny_base  # noqa: F401 (a fixture: the saved tiny Llama LoRA fine-tunes)
 
 QS = ROOT / "configs" / "quickstart.yaml"
 
@@ -264,3 +266,37 @@ def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_co
     assert tracking["run_name"] == REDACTED and tracking["tags"] == ["ci", REDACTED]
     assert json.loads(written["trainer_state.json"])["config"]["tracking"] == tracking
     assert json.loads(written["W&B config"])["tracking"]["tags"] == ["ci", REDACTED]
+
+
+# ---------------------------------------------------------------- LoRA + SFT on 2 processes
+
+
+def test_lora_sft_on_two_ranks_trains_like_one_process(run_cli, tiny_base, tmp_path):
+    """SFT with LoRA adapters on the tiny Llama: 2 ranks (DDP over the adapters, gloo) x 2 rows per step log the
+    same per-step losses and the same final eval loss as 1 process x 4 rows (both 2 data slots: its 2 DataLoader
+    workers), within float tolerance; the 2-rank run exports a merged model."""
+    yaml = tmp_path / "sft.yaml"
+    yaml.write_text("task: sft\n")
+
+    def argv(out, world):
+        over = lm_overrides(tiny_base, ROOT / "data/pydocs-faq-sft.jsonl", out, **{
+            "task": "sft", "model.init": "pretrained", "model.preset": "None", "model.lora": "{r: 4, alpha: 8, dropout: 0.0}",
+            "data.sources": f"[{{path: {ROOT / 'data/pydocs-faq-sft.jsonl'}}}]", "data.seq_len": 160, "data.holdout": 10,
+            "data.num_workers": 2 if world == 1 else 0, "train.batch_size": 4 // world, "train.max_steps": 6, "train.eval_batch_size": 4,
+            "train.mixed_precision": "no", "optim.lr": 1e-2, "optim.weight_decay": 0.1,
+        })
+        return ["train", str(yaml), *over]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = run_cli(*argv(one, 1))
+    assert code == 0, err[-3000:]
+    codes = forklaunch.launch(argv(two, 2), tmp_path, world=2)
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    assert "2 process(es)" in (tmp_path / "rank0.log").read_text()
+
+    losses = {run: [r["train/loss"] for r in _train_rows(run)] for run in (one, two)}
+    assert len(losses[one]) == 6 and losses[two] == pytest.approx(losses[one], rel=1e-5), losses
+    assert losses[one][-1] < losses[one][0]  # the adapters learn
+    evals = {run: [r["eval/loss"] for r in _rows(run) if "eval/loss" in r][-1] for run in (one, two)}
+    assert evals[two] == pytest.approx(evals[one], rel=1e-5), evals
+    assert (two / "model" / "model.safetensors").is_file() and not (two / "model" / "adapter_config.json").exists()
