@@ -15,7 +15,6 @@ import torch
 import forklaunch
 from conftest import ROOT, lm_overrides, tiny_overrides
 from test_faults import _rank_state
-from test_lora import tiny_base  # noqa: F401 (a fixture: the saved tiny Llama LoRA fine-tunes)
 
 QS = ROOT / "configs" / "quickstart.yaml"
 
