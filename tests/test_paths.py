@@ -241,21 +241,22 @@ def test_resume_never_beside_a_checkpoint_is_refused_unless_overwrite_then_start
 # ---------------------------------------------------------------- secrets in what a run writes
 
 
-def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_config(monkeypatch, tiny_bert, tmp_path, run_cli):
-    """In-process, W&B offline: a W&B-key-shaped run name and an HF token among the tags are redacted in the written
-    config.yaml, in the checkpoint's trainer_state.json and in the offline run's config."""
+def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_config(tiny_bert, tmp_path):
+    """W&B offline: a W&B-key-shaped run name and an HF token among the tags are redacted in the written config.yaml,
+    in the checkpoint's trainer_state.json and in the offline run's config. In its own process (test_tracking._train):
+    run in-process, the offline run's config once read back without its "tracking" section."""
     import yaml
 
     import wandb_reader
     from shardtune.tracking import REDACTED
+    from test_tracking import _train
 
     key, token = "0123456789abcdef" * 2 + "01234567", "hf_" + "Xy7" * 12
-    monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
-    over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 1, "train.save_every": 1, "train.eval_every": None,
-                                             "tracking.report_to": "[wandb]", "tracking.run_name": key, "tracking.tags": f"[ci, {token}]"})
-    code, _, err = run_cli("train", QS, *over)
-    assert code == 0, err[-3000:]
+    proc = _train(tmp_path, {"WANDB_MODE": "offline"}, model=tiny_bert, out=run, **{
+        "train.max_steps": 1, "train.save_every": 1, "train.eval_every": None, "tracking.report_to": "[wandb]",
+        "tracking.run_name": key, "tracking.tags": f"[ci, {token}]"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     written = {"config.yaml": (run / "config.yaml").read_text(),
                "trainer_state.json": (run / "checkpoints" / "step-00000001" / "trainer_state.json").read_text(),
                "W&B config": json.dumps(wandb_reader.config(wandb_reader.run_file(run)))}
