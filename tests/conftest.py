@@ -133,3 +133,21 @@ def lm_overrides(tokenizer: Path, corpus: Path, out: Path, **extra) -> list[str]
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_lm_tokenizer):
+    """A saved tiny Llama with the tiny tokenizer: the 'pretrained' model LoRA fine-tunes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+    ))
+    out = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

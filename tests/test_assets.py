@@ -8,7 +8,6 @@ into a module-private cache, and is checked against it.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -86,25 +85,36 @@ def test_converted_tokenizer_matches_the_gguf_one(converted, gguf):
 
 
 def test_cached_folder_builds_once_under_concurrency(tmp_path, monkeypatch):
+    import filelock
+
     monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path))
-    builds, results = [], []
+    builds, results, at_lock = [], [], threading.Semaphore(0)
+
+    class CountedLock(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            at_lock.release()
+            return super().acquire(*args, **kwargs)
+
+    monkeypatch.setattr(filelock, "FileLock", CountedLock)
 
     def build(tmp):
         builds.append(tmp)
         tmp.mkdir()
         (tmp / "part1").write_text("a")
-        time.sleep(0.2)  # the others arrive while the folder is half written
+        for _ in range(4):  # every caller (this one too) is at the lock while the folder is half written
+            assert at_lock.acquire(timeout=30)
         (tmp / "part2").write_text("b")
 
     def call():
         out = assets.cached_folder("models/x", build)
         results.append(sorted(p.name for p in out.iterdir()))
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a caller is stuck"
     assert len(builds) == 1
     assert results == [["part1", "part2"]] * 4
     assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")) == ["x"]

@@ -4,8 +4,6 @@ tests/test_strategies.py, on forked ranks that start faster."""
 
 from __future__ import annotations
 
-import signal
-import time
 import json
 import os
 import subprocess
@@ -116,23 +114,17 @@ def test_stream_resume_on_two_processes_with_workers_is_exact(tiny_lm_tokenizer,
 
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_bert, tmp_path):
     """SIGUSR1 reaches rank 1 only: both ranks agree, save one checkpoint at the same step and exit 0."""
-    import psutil
-
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "shardtune.cli", "launch", str(ROOT / "configs/quickstart.yaml"), "--strategy", "cpu", "--gpus", "0",
         "--processes", "2", "--main-port", str(free_port()), *_common(tiny_bert, run), "train.batch_size=4", "train.max_steps=200",
         "train.eval_every=null",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 5):
-        time.sleep(0.1)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "shardtune.cli" in " ".join(p.cmdline()) and "train" in p.cmdline()]
-    rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
-    assert len(rank1) == 1, [p.cmdline() for p in ranks]
-    rank1[0].send_signal(signal.SIGUSR1)
+    # usr1@step=5,rank=1: SIGUSR1 to rank 1 (and its children) only, at a step the run cannot have passed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_FAILPOINTS": "usr1@step=5,rank=1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = proc.communicate(timeout=300)
+    assert "failpoint: SIGUSR1 to rank 1 at step 5" in out + err, (out + err)[-3000:]
     assert proc.returncode == 0, err[-3000:]
     saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and "preempted (signal on another rank)" in out  # rank 0 never got the signal itself

@@ -9,7 +9,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -195,17 +194,20 @@ def test_a_dead_or_stalled_rank_ends_the_job_within_the_timeout_and_leaves_no_pr
     for line in proc.stdout:  # read as it comes: a full pipe would stall the job for the wrong reason
         lines.append(line)
         if line.startswith("failpoint:"):
-            fired = time.monotonic()
             tree = psutil.Process(proc.pid).children(recursive=True)  # accelerate, torchrun's agent, both ranks
             break
     else:
         pytest.fail("".join(lines[-50:]))
     lines += proc.stdout.readlines()
     proc.wait(timeout=300)
-    took = time.monotonic() - fired
     text = "".join(lines)
-    assert proc.returncode != 0 and took < timeout_s + 30, (proc.returncode, took, text[-3000:])
+    assert proc.returncode != 0, (proc.returncode, text[-3000:])
     assert "shardtune: error: rank 0 lost another rank" in text and "[rank0]: Traceback" not in text, text[-3000:]
+    # what ended it, from rank 0's own sentence (not a wall clock): a dead peer's closed connection, or for a stalled
+    # one the collective's timeout -- the configured dist.timeout_minutes, not a default
+    lost = re.search(r"lost another rank \((.*?)\): it died or stalled", text)
+    cause = {"kill": "Connection (closed|reset) by peer", "stall": f"Timed out waiting {timeout_s * 1000}ms"}[fault]
+    assert lost and re.search(cause, lost.group(1)), (lost and lost.group(1), text[-3000:])
     assert len(tree) >= 2, tree  # accelerate (torchrun's agent runs in it) and the ranks still alive then
     alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline() for p in alive]

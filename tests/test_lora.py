@@ -12,23 +12,6 @@ from conftest import ROOT, lm_overrides, tiny_overrides
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tiny_lm_tokenizer):
-    """A saved tiny Llama with the tiny tokenizer: the 'pretrained' model LoRA fine-tunes."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-    ))
-    out = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _train(argv: list[str]) -> None:
     from accelerate.state import AcceleratorState, GradientState
 

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -38,18 +37,12 @@ def _run(config, overrides) -> str:
     return proc.stdout
 
 
-def _kill_after(config, overrides, run, step: int) -> None:
-    """Start a run and SIGKILL it once it has logged `step` (past a checkpoint)."""
-    proc = subprocess.Popen(_cmd(config, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "log.jsonl"
-        if log.is_file() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines() if line.strip()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _kill_after(config, overrides, step: int) -> None:
+    """Run until right after optimizer step `step` (past a checkpoint), then SIGKILL: a failpoint, so a fast run
+    cannot finish before the kill."""
+    env = {**os.environ, "SHARDTUNE_FAILPOINTS": f"kill@step={step}"}
+    proc = subprocess.run(_cmd(config, overrides), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=600, env=env)
+    assert proc.returncode == -signal.SIGKILL and f"failpoint: SIGKILL rank 0 at step {step}" in proc.stdout, proc.stdout[-2000:]
 
 
 def _lm_yaml(tmp_path):
@@ -69,7 +62,7 @@ def test_killed_run_resumes_exactly(task, tiny_bert, tiny_lm_tokenizer, lm_corpu
         over = lambda out: lm_overrides(tiny_lm_tokenizer, lm_corpus, out, **{"train.max_steps": 40, "train.save_every": 4})  # noqa: E731
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _run(config, over(ref))
-    _kill_after(config, over(killed), killed, step=9)
+    _kill_after(config, over(killed), step=9)
     assert (killed / "checkpoints" / "step-00000008").is_dir()
     out = _run(config, over(killed))
     resumed = re.search(r"resumed from step-(\d+) at step (\d+)", out)
@@ -114,16 +107,12 @@ def test_preemption_signal_saves_exits_zero_and_resumes_exactly(sig, tiny_bert, 
                                                           "tracking.report_to": "[]", "data.max_examples": 200})
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run(QS, over(ref))
-    proc = subprocess.Popen(_cmd(QS, over(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "log.jsonl"
-        if log.is_file() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines() if line.strip()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(sig)
+    # the signal comes from a failpoint right after step 5: a poll of log.jsonl could miss a run that already ended
+    action = {signal.SIGUSR1: "usr1", signal.SIGTERM: "term"}[sig]
+    proc = subprocess.Popen(_cmd(QS, over(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SHARDTUNE_FAILPOINTS": f"{action}@step=5"})
     out, err = proc.communicate(timeout=300)
+    assert f"failpoint: {sig.name} to rank 0 at step 5" in out, out[-2000:]
     assert proc.returncode == 0, err[-3000:]
     stopped = int(re.search(r"preempted \(signal \d+\) at step (\d+): checkpoint saved", out).group(1))
     assert 5 <= stopped < 40 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
@@ -244,23 +233,19 @@ def test_counters_survive_a_checkpoint_between_log_steps(tiny_bert, tmp_path):
 def test_sigterm_to_every_process_still_saves_and_resumes_into_the_same_wandb_run(tiny_bert, tmp_path):
     """What Slurm does on preemption or scancel: SIGTERM to every process of the job, W&B's service included.
     The run saves anyway (before it talks to W&B again), exits 0, and the rerun continues the same W&B run."""
-    import psutil
-
     import wandb_reader
 
     run = tmp_path / "run"
     over = tiny_overrides(tiny_bert, run, **{"train.max_steps": 400, "train.log_every": 1, "train.eval_every": None,
                                              "data.max_examples": 200, "tracking.project": "shardtune-tests"})
     own_service = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # not this pytest's: the run starts its own
-    proc = subprocess.Popen(_cmd(QS, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_service)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 5):
-        time.sleep(0.05)
-    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    assert any("wandb" in " ".join(p.cmdline()) for p in everyone[1:]), [p.cmdline() for p in everyone]
-    for p in everyone:
-        p.send_signal(signal.SIGTERM)
+    # term@step=5: SIGTERM to the run and every process under it (W&B's service too), as Slurm does, at a step the
+    # run cannot have passed (a poll of log.jsonl could miss a run that already ended)
+    env = {**own_service, "SHARDTUNE_FAILPOINTS": "term@step=5"}
+    proc = subprocess.Popen(_cmd(QS, over), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = proc.communicate(timeout=300)
+    signalled = re.search(r"failpoint: SIGTERM to rank 0 at step 5 and its (\d+) child process", out)
+    assert signalled and int(signalled.group(1)) >= 1, out[-2000:]  # W&B's service is one of them
     assert proc.returncode == 0, err[-3000:]
     stopped = int(re.search(r"preempted \(signal 15\) at step (\d+): checkpoint saved", out).group(1))
     first = wandb_reader.run_file(run)  # what its killed service managed to write is W&B's business; the id is in the name

@@ -314,11 +314,12 @@ def test_sync_stops_all_ranks_together(corpus, tok):
 
     got = [[], []]
     ranks = [StreamLoader(cfg, tok, rank=r, world_size=2, batch_size=2, sync=sync(r)) for r in range(2)]
-    threads = [threading.Thread(target=lambda r=r: got[r].extend(ranks[r])) for r in range(2)]
+    threads = [threading.Thread(target=lambda r=r: got[r].extend(ranks[r]), daemon=True) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank is stuck in the sync"
     assert len(got[0]) == len(got[1]) == len(expected)
     assert all(same(list(s), e) for s, e in zip(zip(*got), expected))
 

@@ -7,6 +7,8 @@ Off unless `SHARDTUNE_FAILPOINTS` is set. It holds `;`-separated entries
     kill@save=9           SIGKILL rank 0 inside the write of checkpoint 9 (shards written, not yet sealed)
     stall@step=4,rank=1   rank 1 sleeps forever after step 4 (the others block in the next collective)
     nan@step=5,rank=1     rank 1's loss of step 5 becomes NaN (every micro-batch of that step)
+    inf@step=5,rank=1     rank 1's gradient of step 5 gets an Inf after backward (its loss stays finite: only the grad
+                          norm can tell)
     usr1@step=3           SIGUSR1 to rank 0 and its child processes (DataLoader workers) right after step 3, as
                           Slurm signals a whole job step (term@...: SIGTERM); also @eval=N (in the eval at step N),
                           @save=N (inside the write of checkpoint N), @load=0 (once the model is loaded), @export=0
@@ -73,3 +75,10 @@ def loss(value: torch.Tensor, rank: int, step: int) -> torch.Tensor:
     if os.environ.get(ENV) and _armed("nan", "step", rank, step):
         return value * float("nan")
     return value
+
+
+def grads(model: torch.nn.Module, rank: int, step: int) -> None:
+    """Put an Inf into the first gradient when a failpoint poisons this rank's gradient at this step."""
+    if os.environ.get(ENV) and _armed("inf", "step", rank, step):
+        grad = next(p.grad for p in model.parameters() if p.grad is not None)
+        grad.add_(float("inf"))

@@ -155,6 +155,7 @@ class Trainer:
                     s.note_grad_bytes()  # per-rank gradient bytes, the most after any micro-batch of the first step
         t1 = clock.now()
         clock.add("forward_backward", t0, t1)
+        failpoints.grads(s.model, s.rank, step)
         norm = s.clip_grad_norm(self.cfg.optim.max_grad_norm)
         self.data_position = task.position()  # after this step's batches, before the next step's
         clock.add("optimizer", t1, clock.now())
