@@ -243,7 +243,7 @@ def test_resume_never_beside_a_checkpoint_is_refused_unless_overwrite_then_start
 
 def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_config(tiny_bert, tmp_path):
     """W&B offline: a W&B-key-shaped run name and an HF token among the tags are redacted in the written config.yaml,
-    in the checkpoint's trainer_state.json and in the offline run's config. In its own process (test_tracking._train):
+    in the checkpoint's trainer_state.json and in the offline run's config, and never reach the run's metadata. In its own process (test_tracking._train):
     run in-process, the offline run's config once read back without its "tracking" section."""
     import yaml
 
@@ -260,8 +260,11 @@ def test_secrets_stay_out_of_config_yaml_the_checkpoint_and_the_offline_wandb_co
     written = {"config.yaml": (run / "config.yaml").read_text(),
                "trainer_state.json": (run / "checkpoints" / "step-00000001" / "trainer_state.json").read_text(),
                "W&B config": json.dumps(wandb_reader.config(wandb_reader.run_file(run)))}
+    written["the offline .wandb file (run name, tags, config, history)"] = wandb_reader.run_file(run).read_bytes().decode("latin-1")
     for where, text in written.items():
         assert key not in text and token not in text, where
+    info = wandb_reader.run_info(wandb_reader.run_file(run))
+    assert info.display_name == "run" and list(info.tags) == ["ci"]  # the default name; the secret tag dropped
     tracking = yaml.safe_load(written["config.yaml"])["tracking"]
     assert tracking["run_name"] == REDACTED and tracking["tags"] == ["ci", REDACTED]
     assert json.loads(written["trainer_state.json"])["config"]["tracking"] == tracking

@@ -10,7 +10,7 @@ import torch
 from shardtune.config import DataConfig, OptimConfig
 from shardtune.metrics import classification_metrics
 from shardtune.optim import build_optimizer, build_scheduler, param_groups
-from shardtune.tracking import REDACTED, redact
+from shardtune.tracking import REDACTED, redact, redact_arg
 
 
 def test_no_weight_decay_on_biases_and_layernorm(tiny_bert):
@@ -51,6 +51,17 @@ def test_classification_metrics_by_hand():
     assert m["accuracy"] == 0.5 and m["f1_macro"] == pytest.approx(0.5)
     expected = -(math.log(math.exp(2) / (math.exp(2) + 1)) * 2 + math.log(1 / (math.exp(2) + 1)) * 2) / 4
     assert m["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_command_line_arguments_lose_their_secrets_and_keep_the_rest():
+    """What W&B records as the run's command and the resume line print: a secret-named key's value or a secret-shaped
+    word inside an override goes, everything else stays."""
+    token, key = "hf_" + "Ab3" * 12, "0123456789abcdef" * 2 + "01234567"
+    assert redact_arg(f"tracking.tags=[ci, {token}]") == f"tracking.tags=[ci, {REDACTED}]"
+    assert redact_arg("model.hub_token=whatever") == f"model.hub_token={REDACTED}"
+    assert redact_arg(f"tracking.run_name={key}") == f"tracking.run_name={REDACTED}"
+    for kept in ("optim.lr=1e-3", "configs/quickstart.yaml", "train.max_tokens=5", "--gpus", "data.sources=[{path: a.jsonl}]"):
+        assert redact_arg(kept) == kept
 
 
 def test_secrets_are_redacted_keys_and_values():

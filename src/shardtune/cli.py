@@ -307,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if late:
         args.overrides = list(args.overrides) + late
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = shlex.join(["shardtune", *argv] + (["--", *extra] if extra else []))  # for the line that says how to resume
+    from shardtune.tracking import redact_arg
+
+    # for the line that says how to resume; a secret given on the command line is not printed (give it again there)
+    command = shlex.join(["shardtune", *map(redact_arg, argv)] + (["--", *extra] if extra else []))
     _quiet_libraries()
     try:
         if args.command == "launch":

@@ -9,10 +9,12 @@ secret is redacted before it leaves the process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,31 @@ def redact(value: Any, key: str = "") -> Any:
     if value is not None and (_SECRET_KEY.search(key) or (isinstance(value, str) and _SECRET_VALUE.match(value))):
         return REDACTED
     return value
+
+
+def _secret(value: str) -> bool:
+    return redact(value) == REDACTED
+
+
+def redact_arg(arg: str) -> str:
+    """A command-line argument with secrets replaced: `key=value` with a secret-named key, or any secret-looking word
+    (an override like `tracking.tags=[ci, hf_...]` holds one inside)."""
+    key, eq, value = arg.partition("=")
+    if eq and _SECRET_KEY.search(key.rsplit(".", 1)[-1].lstrip("-")):
+        return f"{key}={REDACTED}"
+    return re.sub(r"[^\s,\[\]{}'\"=:]+", lambda m: REDACTED if _SECRET_VALUE.match(m.group()) else m.group(), arg)
+
+
+@contextlib.contextmanager
+def _argv_redacted():
+    """wandb.init records sys.argv[1:] in the run's metadata (Settings._args, no option turns it off alone): the
+    command line of a run with a secret override would be uploaded with it."""
+    saved = sys.argv
+    sys.argv = [saved[0], *map(redact_arg, saved[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def has_wandb_key() -> bool:
@@ -157,12 +184,13 @@ def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: 
     mode = wandb_mode(cfg)
     if mode == "disabled":
         return None, False
-    tags = list(cfg.tags) + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
+    # the run's name, group and tags are W&B metadata, shown and uploaded as they are: a secret pasted there is dropped
+    tags = [t for t in list(cfg.tags) + os.environ.get("WANDB_TAGS", "").split(",") if t and not _secret(t)]
     args = dict(
         project=cfg.project or os.environ.get("WANDB_PROJECT") or "shardtune",
         entity=cfg.entity or os.environ.get("WANDB_ENTITY"),
-        name=cfg.run_name or os.environ.get("WANDB_NAME") or default_name,
-        group=cfg.group or os.environ.get("WANDB_RUN_GROUP"),
+        name=next((n for n in (cfg.run_name, os.environ.get("WANDB_NAME")) if n and not _secret(n)), default_name),
+        group=next((g for g in (cfg.group, os.environ.get("WANDB_RUN_GROUP")) if g and not _secret(g)), None),
         tags=tags or None,
         config=config,
         dir=str(run_dir),
@@ -172,14 +200,16 @@ def _init_wandb(cfg: TrackingConfig, run_dir: Path, config: dict, default_name: 
         settings=wandb.Settings(silent=True, console="off", init_timeout=cfg.init_timeout_s),
     )
     try:
-        return wandb.init(mode=mode, **args), False
+        with _argv_redacted():
+            return wandb.init(mode=mode, **args), False
     except wandb.errors.CommError as exc:  # unreachable, timed out, or refused by the server
         if mode in ("offline", "dryrun"):
             raise
         why = str(exc).split("\nConsider increasing", 1)[0]  # the hint names wandb's setting; ours is in the message
         reason = f"{type(exc).__name__}: {' '.join(why.split())}"
     wandb.teardown()  # the failed attempt still holds the run id in W&B's service
-    run = wandb.init(mode="offline", **args)
+    with _argv_redacted():
+        run = wandb.init(mode="offline", **args)
     url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     print(
         f"W&B: {url} could not be used within tracking.init_timeout_s={cfg.init_timeout_s:g} s ({reason}), so this run "
