@@ -5,7 +5,8 @@
 # SmolLM2-135M, the 1B Llama and MiniLM (plain loop: eager / checkpointing / torch.compile), of
 # `shardtune launch --strategy single_gpu|zero2|zero3|fsdp --gpus 1` on the 1B model and of `shardtune
 # train`, each against `shardtune plan`'s memory estimate. Sized to finish in under 8 minutes on one
-# H200 (--budget 420 s for the arms; an arm that fails or times out is a row with its error).
+# H200 (--budget 420 s for the arms; an arm that fails or times out is a row with its error), after
+# bench/strategy_matrix.py --device gpu (every strategy vs one process over 20 steps, NCCL, bf16; about 3 min).
 #
 #   bash bench/gpu.sh                  # on the GPU machine, from anywhere
 #   bash bench/gpu.sh --cpu-check      # here, on CPU: configs + plans + table rows; no pip, no CUDA
@@ -73,6 +74,10 @@ if missing:
     if any(m.split()[0] in need for m in missing):
         sys.exit(2)
 EOF
+
+# the strategy matrix with NCCL and bf16 (bench/strategy_matrix.py: 2 GPUs where there are, else 1 process each);
+# about 3 minutes on one H200; its table comes first, gpu_bench's last
+"$py" bench/strategy_matrix.py --device gpu --steps 20 || echo "gpu.sh: the strategy matrix reported a failure (table above)" >&2
 
 out=${OUT:-runs/gpu-bench-$(date +%Y%m%d-%H%M%S)}
 exec "$py" bench/gpu_bench.py --out "$out" "$@"

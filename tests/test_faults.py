@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import forklaunch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, lm_overrides, tiny_overrides
 
 QS = ROOT / "configs" / "quickstart.yaml"
 STEPS, EVERY = 24, 3
+STREAM_TRIALS = 10
 
 
 def _rows(run) -> list[dict]:
@@ -56,6 +57,17 @@ def _last_checkpoint_before(step: int) -> int:
     return EVERY * ((step - 1) // EVERY)
 
 
+def _stream_argv(tokenizer, corpus, out) -> list[str]:
+    """The same schedule on the streamed data stage: a tiny Llama, 2 DataLoader workers per rank (4 data slots), so
+    every slot's partition cursors and carried-over tokens must come back exactly."""
+    config = out.parent / "lm.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("task: causal_lm\n")
+    over = {"train.max_steps": STEPS, "train.save_every": EVERY, "train.log_every": 1, "train.eval_every": None, "train.async_save": "false",
+            "data.num_workers": 2, "data.holdout": 0, "model.dropout": 0.1}
+    return ["train", str(config), *lm_overrides(tokenizer, corpus, out, **over)]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
@@ -64,34 +76,53 @@ def reference(tiny_bert, tmp_path_factory):
     return dict(_losses(out / "run"))
 
 
-@pytest.mark.parametrize("trial", range(10))
-def test_two_kills_and_a_kill_inside_a_checkpoint_write_resume_bit_for_bit(trial, reference, tiny_bert, tmp_path):
+@pytest.fixture(scope="module")
+def stream_reference(tiny_lm_tokenizer, lm_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream-ref")
+    codes, _ = _launch(_stream_argv(tiny_lm_tokenizer, lm_corpus, out / "run"), out)
+    assert codes == [0, 0]
+    return dict(_losses(out / "run"))
+
+
+def _kill_three_times_and_finish(trial: int, argv: list[str], run, reference: dict, logs) -> None:
     """Seeded: SIGKILL a random rank after a random step, twice, then inside the write of a checkpoint;
     every relaunch must resume mid-run from the newest complete checkpoint, and every step's loss -- the
     ones logged before a kill included -- must equal the uninterrupted run's bit for bit."""
     rng = random.Random(trial)
-    run, argv = tmp_path / "run", _argv(tiny_bert, tmp_path / "run")
     kills = [f"kill@step={rng.randint(EVERY + 1, 10)},rank={rng.randint(0, 1)}"]
-    codes, _ = _launch(argv, tmp_path, kills[0])
+    codes, _ = _launch(argv, logs, kills[0])
     assert codes != [0, 0], "the first kill did not happen"
     at = _last_checkpoint_before(int(re.search(r"step=(\d+)", kills[0]).group(1)))
 
     second = rng.randint(at + 1, 17)
-    codes, out = _launch(argv, tmp_path, f"kill@step={second},rank={rng.randint(0, 1)}")
+    codes, out = _launch(argv, logs, f"kill@step={second},rank={rng.randint(0, 1)}")
     assert codes != [0, 0] and _resumed_at(out) == at > 0, codes
     at = _last_checkpoint_before(second)
 
     in_save = at + EVERY * rng.randint(1, (21 - at) // EVERY)
-    codes, out = _launch(argv, tmp_path, f"kill@save={in_save},rank={rng.randint(0, 1)}")
+    codes, out = _launch(argv, logs, f"kill@save={in_save},rank={rng.randint(0, 1)}")
     assert codes != [0, 0] and _resumed_at(out) == at > 0, codes
     assert not (run / "checkpoints" / f"step-{in_save:08d}").exists()  # torn: never renamed into place
 
-    codes, out = _launch(argv, tmp_path)
+    codes, out = _launch(argv, logs)
     assert codes == [0, 0] and _resumed_at(out) == in_save - EVERY > 0, out[-2000:]
     logged = _losses(run)
     assert {s for s, _ in logged} == set(range(1, STEPS + 1))
     assert all(loss == reference[step] for step, loss in logged), [(s, loss, reference[s]) for s, loss in logged if loss != reference[s]]
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_two_kills_and_a_kill_inside_a_checkpoint_write_resume_bit_for_bit(trial, reference, tiny_bert, tmp_path):
+    """Classification (records read whole, dropout on: the RNG restore matters)."""
+    _kill_three_times_and_finish(trial, _argv(tiny_bert, tmp_path / "run"), tmp_path / "run", reference, tmp_path)
+
+
+@pytest.mark.parametrize("trial", range(STREAM_TRIALS))
+def test_the_kill_matrix_on_the_streamed_data_stage(trial, stream_reference, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    """Causal LM on the stream, 2 ranks x 2 workers: the same seeded kills (other seeds), the same bit-for-bit check."""
+    run = tmp_path / "run"
+    _kill_three_times_and_finish(100 + trial, _stream_argv(tiny_lm_tokenizer, lm_corpus, run), run, stream_reference, tmp_path)
 
 
 def test_async_checkpoints_hold_what_synchronous_ones_do_and_a_kill_mid_write_loses_nothing(reference, tiny_bert, tmp_path):

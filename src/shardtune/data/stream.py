@@ -280,7 +280,10 @@ class StreamLoader:
         """The next batch without consuming it (None when this rank has no more)."""
         while self._peeked is None and not self._exhausted:
             if self._it is None:
-                dl = StopSafeLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough)
+                # its own generator: without one, starting the workers draws their base seed from the global RNG,
+                # which moves a resumed run's dropout stream against the uninterrupted run's (streams are seeded by their state)
+                dl = StopSafeLoader(_SlotDataset(self), batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
+                                    generator=torch.Generator().manual_seed(0))
                 self._it = iter(dl)
             item = next(self._it, None)
             if item is None:
