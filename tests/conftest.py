@@ -25,6 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # wandb_reader
 
 
 @pytest.fixture(autouse=True)
+def _no_wandb_service_across_tests():
+    """An in-process run starts W&B's service and leaves it in WANDB_SERVICE: later subprocesses (launches, Slurm
+    jobs: sbatch exports the environment) would log through this pytest's service instead of their own, and a later
+    in-process run would share its state. Each test ends with the service stopped and the variable gone."""
+    yield
+    if "WANDB_SERVICE" in os.environ:
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process run starts clean."""
     from accelerate.state import AcceleratorState, GradientState

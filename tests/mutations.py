@@ -79,6 +79,9 @@ MUTATIONS = [
     Mutation("ignore model.dropout (causal LM)", "models.py",
              "for key, value in _dropout_overrides(mcfg, cfg.dropout).items():", "for key, value in {}.items():",
              (FLAGS + "test_dropout_of_a_causal_lm",)),
+    Mutation("stream workers seeded from the global RNG", "data/stream.py",
+             "collate_fn=_passthrough,\n                                    generator=torch.Generator().manual_seed(0))", "collate_fn=_passthrough)",
+             ("tests/test_faults.py::test_the_kill_matrix_on_the_streamed_data_stage[0]",)),
 ]
 
 

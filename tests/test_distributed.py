@@ -43,14 +43,31 @@ def _launch(tiny_bert, out, strategy: str, *overrides: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-def test_launched_run_and_shardtune_export_give_the_live_models_logits(strategy, tiny_bert, tmp_path):
-    """ZeRO-3 (accelerate's DeepSpeed launch: the strategy comes from its environment) and FSDP2 on CPU processes
-    (launched as plain CPU ranks with dist.strategy=fsdp): `shardtune export` of the checkpoint == the live model."""
+def test_a_zero3_launch_runs_zero3(tiny_bert, tmp_path):
+    """accelerate's DeepSpeed launch: the ranks take the strategy from its environment (ACCELERATE_USE_DEEPSPEED),
+    and ZeRO-3 partitions the parameters. (Its checkpoints and their export: tests/test_strategies.py, every strategy.)"""
+    run = tmp_path / "run"
+    _launch(tiny_bert, run, "zero3", "train.batch_size=4", "train.max_steps=3", "train.eval_every=null")
+    metrics = _metrics(run)
+    assert metrics["dist/strategy"] == "zero3" and metrics["dist/num_processes"] == 2
+    full = _full_param_bytes(tiny_bert)
+    assert all(0.45 * full < b < 0.55 * full for b in metrics["dist/param_bytes"]), (metrics["dist/param_bytes"], full)  # half each
+
+
+def _full_param_bytes(tiny_bert) -> int:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_bert, num_labels=2))
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_launched_fsdp_run_and_shardtune_export_give_the_live_models_logits(tiny_bert, tmp_path):
+    """FSDP2 on CPU processes (launched as plain CPU ranks with dist.strategy=fsdp): `shardtune export` of the
+    checkpoint == the live model."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    run = tmp_path / "run"
+    strategy, run = "fsdp", tmp_path / "run"
     _launch(tiny_bert, run, strategy, "train.batch_size=4", "train.max_steps=6", "train.save_every=6", "train.eval_every=null")
     assert _metrics(run)["dist/strategy"] == strategy
     proc = subprocess.run(

@@ -75,7 +75,7 @@ def test_two_ranks_match_one_process(strategy, one, tiny_base, tmp_path):
 
 
 def test_a_killed_run_resumes_bit_for_bit(one, tiny_base, tmp_path):
-    argv = _argv(tiny_base, tmp_path / "run", **{"train.save_every": 5})
+    argv = _argv(tiny_base, tmp_path / "run", **{"train.save_every": 5, "train.async_save": "false"})  # kill@13 finds step 10
     _launch(argv, tmp_path, 1, failpoints="kill@step=13")
     _launch(argv, tmp_path, 1)
     assert "resumed from step-00000010 at step 10" in (tmp_path / "rank0.log").read_text()

@@ -18,7 +18,7 @@ from conftest import ROOT, lm_overrides, tiny_overrides
 
 QS = ROOT / "configs" / "quickstart.yaml"
 STEPS, EVERY = 24, 3
-STREAM_TRIALS = 10
+STREAM_TRIALS = 5  # each twice the cost of a classification trial (2 workers per rank)
 
 
 def _rows(run) -> list[dict]:

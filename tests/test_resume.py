@@ -56,10 +56,12 @@ def test_killed_run_resumes_exactly(task, tiny_bert, tiny_lm_tokenizer, lm_corpu
     if task == "classification":  # dropout on: the RNG restore matters
         config = QS
         over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 40, "train.log_every": 1, "train.eval_every": None,  # noqa: E731
-                                                              "train.save_every": 4, "tracking.report_to": "[]", "data.max_examples": 200})
+                                                              "train.save_every": 4, "tracking.report_to": "[]", "data.max_examples": 200,
+                                                              "train.async_save": "false"})  # a kill at 9 finds step 8
     else:
         config = _lm_yaml(tmp_path)
-        over = lambda out: lm_overrides(tiny_lm_tokenizer, lm_corpus, out, **{"train.max_steps": 40, "train.save_every": 4})  # noqa: E731
+        over = lambda out: lm_overrides(tiny_lm_tokenizer, lm_corpus, out, **{"train.max_steps": 40, "train.save_every": 4,  # noqa: E731
+                                                                               "train.async_save": "false"})
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _run(config, over(ref))
     _kill_after(config, over(killed), step=9)
@@ -219,7 +221,8 @@ def test_counters_survive_a_checkpoint_between_log_steps(tiny_bert, tmp_path):
     """Samples and tokens counted since the last log line are in the checkpoint: killed after step 5 (checkpoint 3,
     log lines at 4 and 8), the resumed run ends with the uninterrupted run's totals."""
     over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 8, "train.log_every": 4, "train.save_every": 3,  # noqa: E731
-                                                          "train.eval_every": None, "tracking.report_to": "[]", "data.max_examples": 200})
+                                                          "train.eval_every": None, "tracking.report_to": "[]", "data.max_examples": 200,
+                                                          "train.async_save": "false"})  # the kill at 5 finds step 3
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run(QS, over(ref))
     killed = subprocess.run(_cmd(QS, over(run)), capture_output=True, text=True, timeout=600,

@@ -32,7 +32,8 @@ def _argv(tiny_bert, out, **extra) -> list[str]:
         "model.name_or_path": tiny_bert, "model.max_length": 32, "model.dropout": 0, "data.max_examples": 127,
         "train.max_steps": STEPS, "train.log_every": 1, "train.eval_every": None, "train.eval_batch_size": 6,
         "train.batch_size": 8, "optim.lr": 1e-3, "optim.weight_decay": 0.5, "optim.warmup_steps": 2,
-        "tracking.report_to": "[]", "output.dir": out, **extra,
+        # synchronous saves: a kill one step after a save must find that checkpoint (an async one seals when written)
+        "train.async_save": "false", "tracking.report_to": "[]", "output.dir": out, **extra,
     }
     return ["train", str(QS), *[f"{k}={v}" for k, v in over.items()]]
 

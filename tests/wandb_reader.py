@@ -9,6 +9,7 @@ length and a 1-byte type (FULL/FIRST/MIDDLE/LAST); a record's payload is a
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def records(path: Path) -> list[pb.Record]:
 
 
 def run_file(run_dir: Path) -> Path:
+    """The newest offline run file under run_dir. A run finished in this process may still be in W&B's service's
+    write buffer (run.finish() returns before the service closes the file): the service is stopped first, as the
+    end of a real `shardtune` process stops it."""
+    if "WANDB_SERVICE" in os.environ:
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run file under {run_dir}"
     return files[-1]
