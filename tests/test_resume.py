@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume: a killed run, resumed, logs the same per-step losses as an uninterrupted one."""
+"""Checkpoints and resume: torn and damaged checkpoints, refused resumes, config changes, counters, W&B continuity, the resume line (exact resume after kills: tests/test_faults.py; after signals: tests/test_signals.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, lm_overrides, tiny_overrides
+from conftest import ROOT, tiny_overrides
 from forklaunch import free_port
 
 QS = ROOT / "configs" / "quickstart.yaml"
@@ -35,42 +35,6 @@ def _run(config, overrides) -> str:
     proc = subprocess.run(_cmd(config, overrides), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
-
-
-def _kill_after(config, overrides, step: int) -> None:
-    """Run until right after optimizer step `step` (past a checkpoint), then SIGKILL: a failpoint, so a fast run
-    cannot finish before the kill."""
-    env = {**os.environ, "SHARDTUNE_FAILPOINTS": f"kill@step={step}"}
-    proc = subprocess.run(_cmd(config, overrides), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=600, env=env)
-    assert proc.returncode == -signal.SIGKILL and f"failpoint: SIGKILL rank 0 at step {step}" in proc.stdout, proc.stdout[-2000:]
-
-
-def _lm_yaml(tmp_path):
-    f = tmp_path / "lm.yaml"
-    f.write_text("task: causal_lm\n")
-    return f
-
-
-@pytest.mark.parametrize("task", ["classification", "causal_lm"])
-def test_killed_run_resumes_exactly(task, tiny_bert, tiny_lm_tokenizer, lm_corpus, tmp_path):
-    if task == "classification":  # dropout on: the RNG restore matters
-        config = QS
-        over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 40, "train.log_every": 1, "train.eval_every": None,  # noqa: E731
-                                                              "train.save_every": 4, "tracking.report_to": "[]", "data.max_examples": 200,
-                                                              "train.async_save": "false"})  # a kill at 9 finds step 8
-    else:
-        config = _lm_yaml(tmp_path)
-        over = lambda out: lm_overrides(tiny_lm_tokenizer, lm_corpus, out, **{"train.max_steps": 40, "train.save_every": 4,  # noqa: E731
-                                                                               "train.async_save": "false"})
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _run(config, over(ref))
-    _kill_after(config, over(killed), step=9)
-    assert (killed / "checkpoints" / "step-00000008").is_dir()
-    out = _run(config, over(killed))
-    resumed = re.search(r"resumed from step-(\d+) at step (\d+)", out)
-    assert resumed and 8 <= int(resumed.group(2)) < 40, out[:500]  # a real mid-run resume
-    assert _losses(killed) == _losses(ref)  # bit for bit, every step
-    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-00000036", "step-00000040"]  # keep 2
 
 
 def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tiny_bert, tmp_path):
@@ -100,28 +64,6 @@ def test_checkpoint_of_another_model_is_refused(tiny_bert, tmp_path, run_cli):
     code, _, err = run_cli("train", QS, "model.name_or_path=minilm-l6", f"train.resume={run}/checkpoints/step-00000004",
                            f"output.dir={tmp_path}/other")
     assert code == 2 and "is of another model" in err and "minilm-l6" in err and "Traceback" not in err
-
-
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_preemption_signal_saves_exits_zero_and_resumes_exactly(sig, tiny_bert, tmp_path):
-    """No periodic checkpoints: the signal alone makes the run finish its step, save, and exit 0; rerunning resumes."""
-    over = lambda out: tiny_overrides(tiny_bert, out, **{"train.max_steps": 40, "train.log_every": 1, "train.eval_every": None,  # noqa: E731
-                                                          "tracking.report_to": "[]", "data.max_examples": 200})
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    _run(QS, over(ref))
-    # the signal comes from a failpoint right after step 5: a poll of log.jsonl could miss a run that already ended
-    action = {signal.SIGUSR1: "usr1", signal.SIGTERM: "term"}[sig]
-    proc = subprocess.Popen(_cmd(QS, over(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SHARDTUNE_FAILPOINTS": f"{action}@step=5"})
-    out, err = proc.communicate(timeout=300)
-    assert f"failpoint: {sig.name} to rank 0 at step 5" in out, out[-2000:]
-    assert proc.returncode == 0, err[-3000:]
-    stopped = int(re.search(r"preempted \(signal \d+\) at step (\d+): checkpoint saved", out).group(1))
-    assert 5 <= stopped < 40 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
-    assert not (run / "metrics.json").exists()  # not a finished run
-    again = _run(QS, over(run))
-    assert f"resumed from step-{stopped:08d} at step {stopped}" in again
-    assert _losses(run) == _losses(ref)
 
 
 @pytest.fixture(scope="module")
