@@ -89,6 +89,8 @@ def test_activations_reduce_to_korthikanti_for_a_gpt_layer():
 def test_constants_match_the_deepspeed_configs():
     for stage in ("zero1", "zero2", "zero3", "zero3_offload"):
         zero = json.loads((ROOT / f"launch/deepspeed/{stage}.json").read_text())["zero_optimization"]
+        assert zero["stage"] == {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}[stage]  # the file is the stage it is named
+        assert ("offload_optimizer" in zero) == (stage == "zero3_offload")
         assert zero["reduce_bucket_size"] == DS_REDUCE_BUCKET
         if stage.startswith("zero3"):
             assert zero["stage3_max_live_parameters"] == DS_MAX_LIVE_PARAMETERS
