@@ -64,8 +64,9 @@ def run(a, out: Path, asynchronous: bool) -> dict:
     blocked = [r["checkpoint/blocked_s"] for r in rows if "checkpoint/blocked_s" in r]
     seals = [r for r in rows if "checkpoint/seal_s" in r]
     step_s = {r["step"]: a.batch_size / r["train/samples_per_s"] for r in rows if "train/samples_per_s" in r}
-    # steps that ran while a write was in flight: after a save at step k, up to the step of its seal
-    overlapped = {s for r in seals for s in range(int(r["checkpoint/sealed_step"]) + 1, r["step"] + 1)}
+    # steps that ran while a write was in flight: after a save at step k, up to the step whose agreement sealed it
+    # (the seal is logged under the step before it: run.step moves on after the agreement)
+    overlapped = {s for r in seals for s in range(int(r["checkpoint/sealed_step"]) + 1, r["step"] + 2)}
     return {
         "wall_s": time.perf_counter() - t0, "blocked": blocked, "seal": [r["checkpoint/seal_s"] for r in seals],
         "losses": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],

@@ -63,7 +63,7 @@ def test_auto_resolves_to_bf16_only_where_native_and_measured_faster_and_says_wh
     monkeypatch.delenv(hardware.AUTO_ENV)  # the suite pins auto to no (conftest); here auto decides
     choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4, peak=_peaks(600e9, 190e9))
     assert (choice, why) == ("bf16", "auto chose bf16: this CPU has avx512_bf16 (measured bf16 matmul peak 600 GFLOP/s vs fp32 190 GFLOP/s)")
-    # the flag is there, the speed is not (a VM measured at 16 vs 27 GFLOP/s): fp32, and the run says why
+    # the flag is there, the speed is not: fp32, and the run says why
     choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN4, peak=_peaks(16e9, 27e9))
     assert choice == "no" and "this CPU has avx512_bf16, but its measured bf16 matmul peak 16 GFLOP/s vs fp32 27 GFLOP/s" in why
     choice, why = resolve_mixed_precision("auto", "cpu", cpuinfo=ZEN3, peak=lambda dtype: pytest.fail("nothing to measure"))

@@ -92,10 +92,11 @@ def resolve_mixed_precision(requested: str, device: Device, cpuinfo: Optional[st
     """train.mixed_precision -> (the choice: "no" | "bf16" | "fp16", why). auto is bf16 where native, else no;
     an explicit value passes through (with a note when bf16 is not native there).
 
-    On a CPU the flags are not the last word: a virtual machine can report avx512_bf16 while oneDNN's bf16 matmul
-    runs slower than fp32 (measured: 16 vs 27 GFLOP/s on a Xeon VM with the flag). So auto also compares the
-    measured matmul peaks (`peak`, default `cpu_peak_cached`: measured once per machine) and keeps fp32 unless
-    bf16 is at least BF16_WIN times faster."""
+    On a CPU the flag says bf16 instructions exist, not that bf16 pays: how much faster oneDNN's bf16 kernels are
+    than fp32 depends on the part (AVX512-BF16 alone gains far less than AMX) and a VM may expose a flag the host
+    does not honour. So auto also compares the measured matmul peaks (`peak`, default `cpu_peak_cached`, measured
+    once per machine; on this project's Xeon VM 135 vs 104 GFLOP/s, so bf16) and keeps fp32 unless bf16 is at
+    least BF16_WIN times faster: below that, bf16's rounding is not worth its speed."""
     if requested not in MIXED_PRECISION:
         raise ShardtuneError(f"train.mixed_precision={requested!r} is not one of {', '.join(MIXED_PRECISION)}; pick one of those.")
     if requested == "auto" and os.environ.get(AUTO_ENV):
