@@ -9,30 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+from test_sft import chat_tok, tok  # noqa: F401  (the same tiny tokenizer fixtures, plain and with a chat template)
 
 DATA = ROOT / "data" / "pydocs-faq-dpo.jsonl"
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_lm_tokenizer):
-    from transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(tiny_lm_tokenizer)
-    assert not t.chat_template
-    return t
-
-
-@pytest.fixture(scope="module")
-def chat_tok(tiny_lm_tokenizer):
-    from transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(tiny_lm_tokenizer)
-    t.chat_template = TEMPLATE
-    return t
 
 
 def enc(tokenizer, text: str) -> list[int]:

@@ -124,6 +124,7 @@ def begin_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_
     `asynchronous` and the backend can), and its RNG state. Collective."""
     from shardtune import failpoints
     from shardtune.distributed import rng
+    from shardtune.distributed.base import completed
 
     root = run_dir / CKPT_DIR
     final, tmp = step_dir(run_dir, step), root / f".tmp-step-{step:08d}"
@@ -131,18 +132,10 @@ def begin_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     strategy.barrier()
-    files = strategy.save_async(tmp) if asynchronous else _done(strategy.save(tmp))
+    files = strategy.save_async(tmp) if asynchronous else completed(strategy.save(tmp))
     pending = PendingSave(step, tmp, final, files, rng.save(tmp, strategy.rank), state, keep, best_step)
     failpoints.hit("save", strategy.rank, step)
     return pending
-
-
-def _done(value):
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    future.set_result(value)
-    return future
 
 
 def seal_checkpoint(strategy, run_dir: Path, pending: PendingSave) -> Path:

@@ -13,9 +13,11 @@ backend averages gradients over its data-parallel ranks, so `backward` multiplie
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import resource
+from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -27,7 +29,14 @@ from shardtune.distributed import comm, dcp
 from shardtune.optim import build_optimizer
 
 
-class Strategy:
+def completed(value) -> Future:
+    """A Future that is already done with `value` (a save that happened at once)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class Strategy(abc.ABC):
     """What every backend provides; see the module docstring."""
 
     name: str
@@ -70,29 +79,32 @@ class Strategy:
         comm.barrier()
 
     # -------------------------------------------------------------- what subclasses implement
+    @abc.abstractmethod
     def prepare(self, model: torch.nn.Module) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def unwrapped(self) -> torch.nn.Module:
-        raise NotImplementedError
+        ...
 
     def micro_batch(self, last: bool):
         """Context for one micro-batch's forward and backward; `last` = the step's final one."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
         """Clip to max_norm (None = no clipping) and return the global norm as a plain 0-dim tensor; None when the
         engine only knows it after its step (then `grad_norm_after_step`)."""
-        raise NotImplementedError
 
     holds_back_nonfinite: bool = False  # True: the engine skips a non-finite update itself
 
+    @abc.abstractmethod
     def optimizer_step(self, skip: bool) -> bool:
         """Apply the update unless `skip`; zero the gradients. Returns whether the parameters changed."""
-        raise NotImplementedError
 
     scales_loss: bool = False  # fp16 loss scaling: a skipped step is the scaler's business, not a non-finite event
 
@@ -102,32 +114,28 @@ class Strategy:
     def grad_norm_after_step(self, before: torch.Tensor | None) -> float:
         return float(before) if before is not None else float("nan")
 
+    @abc.abstractmethod
     def save(self, ckpt: Path) -> list[Path]:
         """Write model and optimizer state under ckpt (every rank its part); returns the files this rank wrote."""
-        raise NotImplementedError
 
     def save_async(self, ckpt: Path):
         """Start writing model and optimizer state under ckpt; training may change them meanwhile. Returns a Future
         whose result() is the files this rank wrote. This default saves at once (backends without async saves)."""
-        from concurrent.futures import Future
+        return completed(self.save(ckpt))
 
-        done: Future = Future()
-        done.set_result(self.save(ckpt))
-        return done
-
+    @abc.abstractmethod
     def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:
         """Load model and optimizer state from ckpt; None when everything was kept, else one sentence on what was not.
         `scratch`: a folder this run may write conversions into."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's fp32 weights on the main rank, {} elsewhere. Collective."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_full_state_dict(self, read: Callable[[], dict[str, torch.Tensor]], partial: bool = False) -> None:
         """`read()` (called where needed: plain tensors in model key names, the whole state dict unless `partial`) into
         the live model, refreshing any master copy the optimizer keeps. Collective."""
-        raise NotImplementedError
 
     def end(self) -> None:
         pass

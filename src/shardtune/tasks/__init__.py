@@ -65,6 +65,27 @@ class Task(Protocol):
     def generations(self, model: torch.nn.Module) -> list[list[str]]: ...  # [[prompt, completion]] at each eval
 
 
+class EpochPosition:
+    """The data position of a task whose examples sit in memory, the same on every rank: (epoch, samples into it).
+    A mixin for the Task protocol's position / state_dict / load_state_dict (classification, dpo)."""
+
+    _position: dict
+    data_name: ClassVar[str]  # for the message of a damaged checkpoint
+
+    def position(self) -> dict:
+        return dict(self._position)
+
+    def state_dict(self, position: dict) -> dict:
+        return dict(position)
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if any(s != states[0] for s in states):
+            from shardtune import ShardtuneError
+
+            raise ShardtuneError(f"the checkpoint's ranks disagree on the {self.data_name} data position; it is damaged, resume from another one.")
+        self._position = dict(states[0])
+
+
 def task_classes() -> dict[str, type]:
     from shardtune.tasks.causal_lm import CausalLMTask, SFTTask
     from shardtune.tasks.classification import ClassificationTask

@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
 from shardtune.data.batching import Padded, StepBatches, seeded_order, shard_eval
 from shardtune.data.classification import Encoded, PadCollator, load_splits
 from shardtune.data.grouping import length_grouped_order
 from shardtune.metrics import IGNORE, classification_sums, metrics_from_sums
-from shardtune.tasks import Sizes
+from shardtune.tasks import EpochPosition, Sizes
 
 
 def _loader(dataset, index_lists, tokenizer, workers: int) -> DataLoader:
@@ -34,8 +33,9 @@ def _loader(dataset, index_lists, tokenizer, workers: int) -> DataLoader:
                           generator=torch.Generator().manual_seed(0))
 
 
-class ClassificationTask:
+class ClassificationTask(EpochPosition):
     spec: ClassVar = TASK_SPECS["classification"]
+    data_name: ClassVar = "classification"
 
     def __init__(self, cfg: Config, strategy, tokenizer):
         from shardtune.models import load_classifier
@@ -88,17 +88,6 @@ class ClassificationTask:
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum"), (labels != IGNORE).sum()
-
-    def position(self) -> dict:
-        return dict(self._position)
-
-    def state_dict(self, position: dict) -> dict:
-        return dict(position)
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        if any(s != states[0] for s in states):
-            raise ShardtuneError("the checkpoint's ranks disagree on the classification data position; it is damaged, resume from another one.")
-        self._position = dict(states[0])
 
     def has_split(self, split: str) -> bool:
         return split in self.eval_sets

@@ -35,7 +35,7 @@ from shardtune.data.dpo import Pair, collate_pairs, encode_records
 from shardtune.dpo_loss import METRICS, dpo_loss, reward_sums, sequence_logps
 from shardtune.metrics import IGNORE
 from shardtune.models import is_peft
-from shardtune.tasks import Sizes
+from shardtune.tasks import EpochPosition, Sizes
 
 
 def concat_pairs(batch: dict) -> dict:
@@ -97,8 +97,9 @@ class _Pairs(torch.utils.data.Dataset):
         return Pair(p.chosen_ids, [IGNORE] * len(p.chosen_ids), p.rejected_ids, [IGNORE] * len(p.rejected_ids))
 
 
-class DPOTask:
+class DPOTask(EpochPosition):
     spec: ClassVar = TASK_SPECS["dpo"]
+    data_name: ClassVar = "DPO"
 
     def __init__(self, cfg: Config, strategy, tokenizer):
         from shardtune.models import load_causal_lm
@@ -178,17 +179,6 @@ class DPOTask:
         total, sums = self._pair_terms(model, batch)
         self._sums += sums.double()
         return total, sums[-1]
-
-    def position(self) -> dict:
-        return dict(self._position)
-
-    def state_dict(self, position: dict) -> dict:
-        return dict(position)
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        if any(s != states[0] for s in states):
-            raise ShardtuneError("the checkpoint's ranks disagree on the DPO data position; it is damaged, resume from another one.")
-        self._position = dict(states[0])
 
     def has_split(self, split: str) -> bool:
         return split == "eval" and bool(self.heldout)
