@@ -82,6 +82,9 @@ MUTATIONS = [
     Mutation("stream workers seeded from the global RNG", "data/stream.py",
              "collate_fn=_passthrough,\n                                    generator=torch.Generator().manual_seed(0))", "collate_fn=_passthrough)",
              ("tests/test_faults.py::test_the_kill_matrix_on_the_streamed_data_stage[0]",)),
+    Mutation("DataLoader workers take the rank's start method", "data/workers.py",
+             'kwargs.setdefault("multiprocessing_context", multiprocessing.get_context("fork"))', "pass",
+             ("tests/test_classification_data.py::test_workers_are_forked_from_their_rank_whatever_start_method_the_rank_has",)),
 ]
 
 

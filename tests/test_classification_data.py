@@ -4,11 +4,16 @@ a stop signal sent to them."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from shardtune import ShardtuneError
 from shardtune.config import DataConfig
@@ -123,3 +128,29 @@ def test_process_exits_with_a_live_loader(tmp_path):
     folder = write_label_folder(tmp_path / "d", 40)
     proc = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, str(folder)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "exiting with live workers" in proc.stdout, proc.stderr
+
+
+class _Parents(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.getppid()
+
+
+def _worker_parents(out: str) -> None:
+    """In a process started by a forkserver (as tests/forklaunch.py starts ranks): whose children the workers are."""
+    from shardtune.data.workers import StopSafeLoader
+
+    parents = list(StopSafeLoader(_Parents(), batch_size=None, num_workers=2))
+    Path(out).write_text(json.dumps({"me": os.getpid(), "workers' parents": parents}))
+
+
+def test_workers_are_forked_from_their_rank_whatever_start_method_the_rank_has(tmp_path):
+    """A rank that a forkserver started (the test launcher; every process on Python >= 3.14) would give its
+    DataLoader workers to a forkserver of its own: they would import everything again, outlive a SIGKILLed rank
+    and ignore its SIGTERM (data/workers.py). The workers must be the rank's own children."""
+    out = tmp_path / "parents.json"
+    proc = multiprocessing.get_context("forkserver").Process(target=_worker_parents, args=(str(out),))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    seen = json.loads(out.read_text())
+    assert seen["workers' parents"] == [seen["me"]] * 2, seen

@@ -21,10 +21,25 @@ A worker is started (forked) before its worker_init_fn runs, and a signal in
 between would still kill it: `StopSafeLoader` blocks the stop signals in the
 rank while it starts its workers, so they begin life with them blocked (a
 signal to the rank in that moment waits and is taken right after).
+
+Workers are forked from their rank (multiprocessing_context "fork" where the
+platform has it), whatever start method the rank process was itself given.
+The DataLoader would otherwise take the process's default: "forkserver"
+inside a process started by a forkserver (tests/forklaunch.py's ranks, and
+every process on Python >= 3.14), and then each worker is the child of a
+fresh forkserver, not of its rank. Measured under the test launcher: the
+first batch waited about 5 s for each worker to import and unpickle its
+dataset; a SIGKILLed rank left its forkserver and workers running forever
+(they watch their parent, the forkserver, which outlives the rank): 201
+leaked processes after some 40 kill-and-resume launches; the rank's SIGTERM
+at shutdown was not from their parent, so they ignored it; and about one
+launch in 40 lost a batch to a worker whose multiprocessing temp dir was
+gone (FileNotFoundError in the queue's feeder thread) and hung.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -51,6 +66,8 @@ class StopSafeLoader(DataLoader):
     """A DataLoader whose workers never see a stop signal: blocked from their fork, then taken by `ignore_stop_signals`."""
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("num_workers") and "fork" in multiprocessing.get_all_start_methods():
+            kwargs.setdefault("multiprocessing_context", multiprocessing.get_context("fork"))  # children of the rank (above)
         super().__init__(*args, **kwargs, worker_init_fn=ignore_stop_signals if kwargs.get("num_workers") else None)
 
     def _get_iterator(self):  # DataLoader's one place that starts the workers
