@@ -5,6 +5,7 @@ runs to the end; the same job preempted with `scancel --signal=USR1 --batch` sav
 and ends with the uninterrupted job's per-step losses and one W&B run. slurm/train.sbatch submitted with plain
 sbatch and no output.dir (2 CPU ranks on one node): preempted and requeued, it resumes in the run folder named
 after its job id with the same losses; as an array task it names its folder and W&B run after the array job and task.
+A streamed causal-LM job (2 ranks x 2 DataLoader workers) preempted the same way logs its uninterrupted twin's losses.
 
 Without Slurm or root these tests skip, except under CI=true, where that is a failure (the only multi-node coverage).
 """
@@ -23,11 +24,12 @@ from pathlib import Path
 import pytest
 
 import wandb_reader
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, lm_overrides, tiny_overrides
 from slurm_cluster import LocalSlurm, missing
 
 QS = ROOT / "configs/quickstart.yaml"
 STEPS = 60
+LM_STEPS = 80  # one epoch of the test corpus at 2 ranks x 4 x 32 tokens is 81 steps; USR1 after step 5 lands mid-run
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -184,6 +186,40 @@ def test_train_sbatch_without_output_dir_resumes_in_its_job_folder_after_a_reque
     assert _losses(run) == _losses(full)
     (id1, first), (id2, second) = _wandb_runs(run)
     assert id1 == id2 == f"slurm-shardtune-test-{job}" and max(h["_step"] for h in first) == stopped
+
+
+def _sbatch_stream(slurm: LocalSlurm, tokenizer: Path, corpus: Path, cwd: Path, name: str) -> tuple[str, Path, Path]:
+    """slurm/train.sbatch on the streamed data stage: a tiny Llama trained from scratch on the real corpus, 2 CPU
+    ranks on one node with 2 DataLoader workers each (4 data slots reading their own partitions), dropout on;
+    returns (job id, run folder, job log)."""
+    config = cwd / "lm.yaml"
+    config.write_text("task: causal_lm\n")
+    run = cwd / name
+    over = lm_overrides(tokenizer, corpus, run, **{"train.max_steps": LM_STEPS, "train.eval_every": None, "data.num_workers": 2,
+                                                   "data.holdout": 0, "model.dropout": 0.1})
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", f"--output={cwd}/{name}-%j.out", str(ROOT / "slurm/train.sbatch"), str(config), *over]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    return job, run, cwd / f"{name}-{job}.out"
+
+
+def test_a_streamed_run_preempted_requeued_and_resumed_logs_its_uninterrupted_twins_losses(slurm, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    """The same job twice, side by side: one runs through, the other gets USR1 after step 5, saves (every slot's
+    partition cursors and carried-over tokens), requeues and resumes; both logs hold every step once with the
+    same losses bit for bit, so the resumed job read the same documents in the same order and drew the same dropout."""
+    ref_job, ref, ref_log = _sbatch_stream(slurm, tiny_lm_tokenizer, lm_corpus, tmp_path, "reference")
+    job, run, log = _sbatch_stream(slurm, tiny_lm_tokenizer, lm_corpus, tmp_path, "preempted")
+    info = _preempt_and_requeue(slurm, run, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-3000:]
+    stopped = int(re.search(rf"preempted \(signal {int(signal.SIGUSR1)}\) at step (\d+): checkpoint saved", text).group(1))
+    assert 5 <= stopped < LM_STEPS and f"resumed from step-{stopped:08d} at step {stopped}" in text
+    ref_info = _wait_end(slurm, ref_job)
+    assert ref_info["JobState"] == "COMPLETED" and ref_info["Restarts"] == "0", ref_log.read_text()[-3000:]
+    assert [s for s, _ in _losses(run)] == list(range(1, LM_STEPS + 1))
+    assert _losses(run) == _losses(ref)
 
 
 def test_train_sbatch_as_an_array_task_names_its_folder_and_wandb_run_after_the_task(slurm, tiny_bert, tmp_path):
