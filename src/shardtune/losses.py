@@ -102,6 +102,9 @@ def _loss_and_grads(hidden, weight, bias, targets, z_loss: float, chunk: int, dt
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    # a low-precision weight gradient per chunk lands in one reused buffer and is added to the fp32 sum in place:
+    # no chunk allocates a weight-sized product and an fp32 copy of it (the same values, bit for bit)
+    w_chunk = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w and dtype != acc else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     lse_sq = torch.zeros((), dtype=acc, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -127,7 +130,7 @@ def _loss_and_grads(hidden, weight, bias, targets, z_loss: float, chunk: int, dt
             if need_w and dtype == acc:
                 grad_w.addmm_(g.t(), h)
             elif need_w:
-                grad_w += (g.t() @ h).to(acc)
+                grad_w += torch.mm(g.t(), h, out=w_chunk)
     return loss, lse_sq, (grad_h, grad_w, grad_b)
 
 
