@@ -72,8 +72,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk-tokens", type=int, default=None, help="default: shardtune.losses.default_chunk_tokens")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward (all arms)")
+    p.add_argument("--precision", choices=("no", "bf16"), default="no",
+                   help="bf16: every arm's forward under bf16 autocast (the Trainer's bf16=True), fp32 weights and AdamW")
     p.add_argument("--malloc-mmap-threshold", type=int, default=131072,
                    help="MALLOC_MMAP_THRESHOLD_ for each arm (bytes); 0 leaves glibc's dynamic default")
+    p.add_argument("--peak-budget", type=float, default=3.0, help="seconds per dtype for the matmul peak (0: no roofline column)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -135,13 +138,14 @@ def loop_arm(a, model, ids) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     losses = []
     for _ in range(a.steps):
-        if head is None:
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            with head.loss_for(ids) as lm:
-                out = model(input_ids=ids)
-            loss_sum, tokens = lm.result(out)
-            loss = loss_sum / tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            if head is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                with head.loss_for(ids) as lm:
+                    out = model(input_ids=ids)
+                loss_sum, tokens = lm.result(out)
+                loss = loss_sum / tokens
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -165,7 +169,7 @@ def trainer_arm(a, model, ids) -> list[float]:
         args = TrainingArguments(
             output_dir=out, report_to="none", per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=LR,
             weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, save_strategy="no",
-            eval_strategy="no", dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
+            eval_strategy="no", dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, bf16=a.precision == "bf16",
         )
         Trainer(model=model, args=args, train_dataset=rows, callbacks=[Losses()]).train()
     return losses
@@ -174,7 +178,7 @@ def trainer_arm(a, model, ids) -> list[float]:
 def run_arm(a, arm: str, data: Path, tmp: Path, r: int) -> dict:
     out = tmp / f"{arm}-{r}.json"
     cmd = [sys.executable, __file__, "--child", arm, "--data", str(data), "--out", str(out), "--steps", str(a.steps),
-           "--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq)]
+           "--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq), "--precision", a.precision]
     if a.chunk_tokens:
         cmd += ["--chunk-tokens", str(a.chunk_tokens)]
     if a.gradient_checkpointing:
@@ -209,11 +213,26 @@ def main() -> int:
                       f"steps {', '.join(f'{t:.1f}' for t in res['step_s'])} s, losses {res['losses']}, load {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)
     load.append(os.getloadavg()[0])
-    print_table(a, results, load)
+    print_table(a, results, load, roofline(a))
     return 0
 
 
-def print_table(a, results: dict[str, list[dict]], load: list[float]) -> None:
+def roofline(a) -> tuple[float, float]:
+    """(model training FLOPs of one B x T step, the measured matmul peak FLOP/s of the arms' dtype at --threads); the
+    peak is measured after the arms, alone on the machine (0 when --peak-budget is 0)."""
+    from transformers import AutoConfig
+
+    from shardtune.assets import packaged_model
+    from shardtune.flops import config_flops_per_token
+    from shardtune.hardware import matmul_peak_flops
+
+    step_flops = a.batch * a.seq * config_flops_per_token(AutoConfig.from_pretrained(packaged_model("smollm2-135m")), a.seq)
+    torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    return step_flops, matmul_peak_flops(dtype, "cpu", budget_s=a.peak_budget) if a.peak_budget else 0.0
+
+
+def print_table(a, results: dict[str, list[dict]], load: list[float], roof: tuple[float, float]) -> None:
     def med(arm, fn):
         return statistics.median(fn(r) for r in results[arm])
 
@@ -223,14 +242,19 @@ def print_table(a, results: dict[str, list[dict]], load: list[float]) -> None:
     base = "plain" if "plain" in results else next(iter(results))
     ckpt = ", gradient checkpointing" if a.gradient_checkpointing else ""
     ckpt += f", MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold}" if a.malloc_mmap_threshold else ", glibc malloc defaults"
-    print(f"\nSmolLM2-135M, {a.batch} x {a.seq} tokens, fp32{ckpt}, {a.threads} thread(s), {a.steps} step(s) per arm "
-          f"({'first excluded' if a.steps > 1 else 'one step, timed'}), {a.rounds} round(s), load {load[0]:.1f} -> {load[1]:.1f}")
-    print(f"| arm | peak RSS MiB | vs {base} | step peak MiB (peak - after load) | vs {base} | tokens/s | vs {base} | first-step loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    step_flops, peak_flops = roof
+    dtype = "bf16 autocast" if a.precision == "bf16" else "fp32"
+    print(f"\nSmolLM2-135M, {a.batch} x {a.seq} tokens, {dtype}{ckpt}, {a.threads} thread(s), {a.steps} step(s) per arm "
+          f"({'first excluded' if a.steps > 1 else 'one step, timed'}), {a.rounds} round(s), load {load[0]:.1f} -> {load[1]:.1f}; "
+          f"{step_flops / 1e12:.2f} model TFLOP per step, measured {dtype.split()[0]} matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+    print(f"| arm | peak RSS MiB | vs {base} | step peak MiB (peak - after load) | vs {base} | tokens/s | vs {base} | "
+          "model GFLOP/s | of the peak | first-step loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arm in results:
-        loss = results[arm][0]["losses"][0]
+        loss, rate = results[arm][0]["losses"][0], tps[arm] * step_flops / (a.batch * a.seq)
         print(f"| {arm} | {peak[arm] / 2**20:.0f} | {peak[arm] / peak[base]:.2f}x | {step_peak[arm] / 2**20:.0f} | "
-              f"{step_peak[arm] / step_peak[base]:.2f}x | {tps[arm]:.1f} | {tps[arm] / tps[base]:.2f}x | {loss:.5f} |")
+              f"{step_peak[arm] / step_peak[base]:.2f}x | {tps[arm]:.1f} | {tps[arm] / tps[base]:.2f}x | {rate / 1e9:.1f} | "
+              f"{rate / peak_flops if peak_flops else float('nan'):.2f} | {loss:.5f} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ as a fraction of the peak of its dtype (the CPU counterpart of MFU).
    hardware does, padding included; the "useful" column counts only non-pad tokens). A second fp32 arm takes
    its batches from `shardtune.data.grouping.length_grouped_order` over all snippets (the first batches of
    epoch 0, seed 42) instead of the file order: less padding. Arms alternate over
-   `--rounds`, each round `--warmup` untimed and `--steps` timed steps on the same batches; medians.
+   `--rounds`, each round `--warmup` untimed and `--steps` timed steps on the same batches; medians. Where bf16
+   is native, a bf16 length-grouped arm is the quickstart's own step (its defaults: auto -> bf16, grouped batches).
+3. Where the time goes: one step per arm under torch.profiler; the matmuls' share of the step and the FLOP/s they
+   reach on their own shapes (FLOPs from the recorded input shapes over their own time), and dropout's share.
 
 On a CPU without native bf16 (`hardware.native_bf16` says why) a bf16 step at batch 32 would take minutes, so
 the bf16 arm runs at `--slow-batch` (default 2) with a matching fp32 arm at that batch, and fewer steps.
@@ -78,6 +81,38 @@ class Arm:
         return median(r[useful] for r in self.rates)
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_flops(name: str, shapes: list) -> float:
+    """2 M K N (times the batch for bmm) from the profiler's input shapes of one matmul call."""
+    a, b = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
+    return 2.0 * (a[0] if name == "aten::bmm" else 1) * a[-2] * a[-1] * b[-1]
+
+
+def print_breakdown(arms: list, peaks: dict) -> None:
+    """Where one step's time goes (torch.profiler, one step per arm on its first batch): the matmuls' share and
+    the FLOP/s they reach by themselves (their FLOPs from the recorded shapes over their own time), and dropout's
+    random-mask draws (aten::bernoulli_). Matmuls below the square-matmul peak bound the whole step below it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\nOne profiled step per arm: | arm | step ms (profiled) | matmul share | matmul GFLOP/s | matmul of the peak "
+          "| dropout (bernoulli_) share |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for arm in arms:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            arm.step(arm.batches[0])
+        events = prof.key_averages(group_by_input_shape=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        mm = [e for e in events if e.key in MATMULS]
+        mm_us = sum(e.self_cpu_time_total for e in mm)
+        mm_flops = sum(e.count * matmul_flops(e.key, e.input_shapes) for e in mm)
+        drop_us = sum(e.self_cpu_time_total for e in events if e.key == "aten::bernoulli_")
+        rate = mm_flops / (mm_us / 1e6)
+        print(f"| {arm.name} | {total / 1e3:.0f} | {mm_us / total:.2f} | {rate / 1e9:.1f} | {rate / peaks[arm.dtype]:.2f} | "
+              f"{drop_us / total:.2f} |")
+
+
 def main() -> int:
     a = parse_args()
     torch.set_num_threads(a.threads)
@@ -95,6 +130,7 @@ def main() -> int:
             Arm(f"fp32, batch {a.batch}, length-grouped", torch.float32, grouped, a.steps)]
     if native:
         arms.append(Arm(f"bf16 autocast, batch {a.batch}", torch.bfloat16, big, a.steps))
+        arms.append(Arm(f"bf16 autocast, batch {a.batch}, length-grouped (the quickstart's step)", torch.bfloat16, grouped, a.steps))
     else:
         _, small = quickstart_batches(n_batches, a.slow_batch)
         slow_steps = max(1, a.steps // 3)
@@ -116,6 +152,7 @@ def main() -> int:
         rate, peak = arm.flop_rate(), peaks[arm.dtype]
         print(f"| {arm.name} | {arm.mean_len:.1f} | {median(arm.times) * 1e3:.0f} | {rate / 1e9:.1f} | {peak / 1e9:.1f} | {rate / peak:.2f} | "
               f"{arm.flop_rate(useful=True) / 1e9:.1f} |")
+    print_breakdown(arms, peaks)
     if not native:
         f32, b16 = arms[-2], arms[-1]
         print(f"\nbf16 autocast vs fp32 at batch {a.slow_batch}: {median(b16.times) / median(f32.times):.1f}x the step time "

@@ -5,7 +5,9 @@ MiniLM tokenizer), the same first N packaged Rotten Tomatoes snippets, the same
 max_length, batch size, LR schedule (linear, 6% warmup), AdamW hyper-parameters
 (weight decay 0.01, none on biases/LayerNorm), grad clipping at 1.0, dynamic
 padding to a multiple of 8, seed, thread count and number of optimizer steps,
-trained by
+the same precision (`--precision bf16`: bf16 autocast in every arm) and the same
+batch order kind (`--group-by-length`: length-grouped batches in every arm, each
+with its own grouping sampler; default: random order in every arm), trained by
 
   shardtune  `shardtune.trainer.train(cfg)`, no tracking, no eval/test hold-out
   trainer    `transformers.Trainer`, report_to="none", no eval, no saving,
@@ -13,6 +15,9 @@ trained by
   plain      a seed-script loop: DataLoader + the same collator, `torch.optim.AdamW`
              with its defaults, `get_linear_schedule_with_warmup`,
              `clip_grad_norm_`, loss printed every 10 steps
+  plain-shardtune-order  (with --arms) the plain loop in shardtune's
+             `length_grouped_order` instead of transformers' LengthGroupedSampler:
+             whether the batch order alone explains a difference in grouped runs
 
 How time is measured (the same way for every arm, outside the code under
 test): a global optimizer step post-hook
@@ -87,6 +92,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for all arms (see the docstring)")
     p.add_argument("--arms", default="shardtune,trainer,plain")
     p.add_argument("--trainer-optim", default=None, help="TrainingArguments.optim (default: the Trainer's own, adamw_torch_fused)")
+    p.add_argument("--precision", choices=("no", "bf16"), default="no",
+                   help="bf16: every arm under bf16 autocast (shardtune train.mixed_precision, the Trainer's bf16=True)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="every arm in length-grouped batches (shardtune data.group_by_length, the Trainer's train_sampling_strategy=group_by_length, "
+                        "transformers' LengthGroupedSampler in the plain loop); off: every arm in random order")
     p.add_argument("--verbose", action="store_true", help="show the loops' own log lines")
     args = p.parse_args()
     if not 1 <= args.warmup < args.steps:
@@ -222,7 +232,8 @@ def run_shardtune(a, model_dir: Path, data: Path, out: Path) -> None:
         "optim.lr": LR, "optim.weight_decay": WEIGHT_DECAY, "optim.warmup_ratio": WARMUP_RATIO,
         "optim.max_grad_norm": MAX_GRAD_NORM, "optim.scheduler": "linear",
         "train.batch_size": a.batch_size, "train.max_steps": a.steps, "train.seed": SEED,
-        "train.log_every": LOG_EVERY, "train.progress_bar": '"off"', "train.mixed_precision": '"no"',
+        "train.log_every": LOG_EVERY, "train.progress_bar": '"off"', "train.mixed_precision": f'"{a.precision}"',
+        "data.group_by_length": str(a.group_by_length).lower(),
         "tracking.report_to": "[]", "output.dir": out, "output.overwrite": "true",
     }
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), "bench")
@@ -235,7 +246,9 @@ def run_trainer(a, model_dir: Path, tok, features, out: Path) -> None:
         output_dir=str(out), report_to="none", per_device_train_batch_size=a.batch_size, max_steps=a.steps,
         learning_rate=LR, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_RATIO, lr_scheduler_type="linear",
         max_grad_norm=MAX_GRAD_NORM, seed=SEED, logging_steps=LOG_EVERY, eval_strategy="no", save_strategy="no",
-        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, **({"optim": a.trainer_optim} if a.trainer_optim else {}),
+        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, bf16=a.precision == "bf16",
+        train_sampling_strategy="group_by_length" if a.group_by_length else "random",
+        **({"optim": a.trainer_optim} if a.trainer_optim else {}),
     )
     trainer = Trainer(
         model=load_model(model_dir), args=args, train_dataset=features,
@@ -244,13 +257,28 @@ def run_trainer(a, model_dir: Path, tok, features, out: Path) -> None:
     trainer.train()
 
 
-def run_plain(a, model_dir: Path, tok, features) -> None:
+def plain_order(a, features, arm: str) -> dict:
+    """The plain loop's batch order: random, or length-grouped by transformers' LengthGroupedSampler (each
+    mega-batch's batches together, longest first) or, for the plain-shardtune-order arm, by shardtune's
+    `length_grouped_order` (the same mega-batches, every batch's place shuffled)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from shardtune.data.grouping import length_grouped_order
+
+    lengths = [len(f["input_ids"]) for f in features]
+    if arm == "plain-shardtune-order":
+        return {"sampler": length_grouped_order(lengths, a.batch_size, SEED, 0)}
+    return {"sampler": LengthGroupedSampler(a.batch_size, lengths=lengths)} if a.group_by_length else {"shuffle": True}
+
+
+def run_plain(a, model_dir: Path, tok, features, arm: str = "plain") -> None:
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
     torch.manual_seed(SEED)
     model = load_model(model_dir)
-    loader = DataLoader(features, batch_size=a.batch_size, shuffle=True, collate_fn=DataCollatorWithPadding(tok, pad_to_multiple_of=8))
+    order = plain_order(a, features, arm)
+    loader = DataLoader(features, batch_size=a.batch_size, collate_fn=DataCollatorWithPadding(tok, pad_to_multiple_of=8), **order)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n.endswith(".bias")]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or n.endswith(".bias"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=LR)
@@ -259,7 +287,8 @@ def run_plain(a, model_dir: Path, tok, features) -> None:
     step = 0
     while step < a.steps:
         for batch in loader:
-            loss = model(**batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
@@ -283,9 +312,9 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(a.threads)
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    unknown = set(arms) - {"shardtune", "trainer", "plain"}
+    unknown = set(arms) - {"shardtune", "trainer", "plain", "plain-shardtune-order"}
     if unknown:
-        raise SystemExit(f"unknown arm(s) {sorted(unknown)}; use shardtune, trainer, plain")
+        raise SystemExit(f"unknown arm(s) {sorted(unknown)}; use shardtune, trainer, plain, plain-shardtune-order")
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp:
@@ -308,7 +337,7 @@ def main() -> int:
                     elif arm == "trainer":
                         run_trainer(a, model_dir, tok, features, out)
                     else:
-                        run_plain(a, model_dir, tok, features)
+                        run_plain(a, model_dir, tok, features, arm)
                 res = rec.window(a.warmup)
                 if res["steps"] != a.steps:
                     raise RuntimeError(f"{arm} ran {res['steps']} optimizer steps, expected {a.steps}")
@@ -334,7 +363,7 @@ def print_table(a, results: dict[str, list[dict]], load: tuple[float, float]) ->
 
     print(
         f"\nsteps={a.steps} (first {a.warmup} untimed), batch={a.batch_size}, max_length={a.max_length}, "
-        f"threads={a.threads}, repeats={a.repeats}, 1-min load average {load[0]:.2f} before / {load[1]:.2f} after; "
+        f"threads={a.threads}, precision={a.precision}, group_by_length={a.group_by_length}, repeats={a.repeats}, 1-min load average {load[0]:.2f} before / {load[1]:.2f} after; "
         "median of runs, ratios of medians\n"
     )
     print(
