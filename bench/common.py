@@ -61,6 +61,16 @@ def minilm_classifier():
     return AutoModelForSequenceClassification.from_pretrained(packaged_model("minilm-l6"), num_labels=len(LABELS)).train()
 
 
+def fresh_state(threads: int) -> None:
+    """Between arms in one process: Accelerate keeps process-wide singletons (the HF Trainer and shardtune both build
+    an Accelerator), and each arm runs at the same thread count."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

@@ -68,10 +68,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fresh_state  # noqa: E402  (sets the offline environment before torch/transformers load)
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
@@ -201,15 +200,6 @@ def encode(model_dir: Path, data: Path, max_length: int):
     label2id = {lab: i for i, lab in enumerate(LABELS)}
     features = [{**{k: enc[k][i] for k in enc.keys()}, "labels": label2id[r["label"]]} for i, r in enumerate(rows)]
     return tok, features
-
-
-def fresh_state(threads: int) -> None:
-    """Accelerate keeps process-wide singletons (Trainer and shardtune both build an Accelerator)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def load_model(model_dir: Path):

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402  (sets the offline environment before torch/transformers load)
+from common import cpu_model, fresh_state  # noqa: E402  (sets the offline environment before torch/transformers load)
 
 import torch  # noqa: E402
 from torch.nn.modules.module import register_module_forward_pre_hook  # noqa: E402
@@ -142,15 +142,6 @@ def run_trainer(train_examples, labels: list[str], out: Path) -> str:
                              save_strategy="no", disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=rows, processing_class=tok).train()
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
-
-
-def fresh_state(threads: int) -> None:
-    """Accelerate keeps process-wide singletons (the Trainer and shardtune both build an Accelerator)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def main() -> int:
