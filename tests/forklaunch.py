@@ -42,6 +42,11 @@ def _rank(rank: int, world: int, port: int, argv: list[str], env: dict, log: str
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    import torch
+
+    # torch read OMP_NUM_THREADS when the server imported it: a rank set it again here and still ran 2 threads
+    # (2 ranks on 2 cores: oversubscribed); torchrun's fresh processes read it at import
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from shardtune.cli import main
 
     os._exit(main(argv))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import pytest
 import torch
@@ -120,3 +121,17 @@ def test_auto_can_be_pinned_for_every_machine(monkeypatch):
     monkeypatch.setenv(hardware.AUTO_ENV, "fp8")
     with pytest.raises(ShardtuneError, match="must be no or bf16"):
         resolve_mixed_precision("auto", "cpu")
+
+
+def test_measuring_the_peak_leaves_the_seeded_random_stream_alone(monkeypatch, tmp_path):
+    """The first run on a machine measures the peak (no cpu-peaks.json yet), later ones read it: the same seed
+    must draw the same dropout masks and head init either way (it did not: the kill matrix's reference run,
+    the first on a fresh machine, logged other losses than its relaunches)."""
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_PEAKS", {})
+    monkeypatch.setattr(hardware, "matmul_peak_flops", partial(matmul_peak_flops, budget_s=0.05, max_size=256))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    assert mfu_peak("cpu", "no")[0] > 0 and (tmp_path / "cpu-peaks.json").is_file()  # measured here, not read
+    assert torch.equal(torch.rand(4), expected)

@@ -157,8 +157,9 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: Device = "cpu"
     max_size = max_size or (8192 if device.type == "cuda" else 4096)
     deadline = time.perf_counter() + budget_s
     best, n = 0.0, 256
+    rng = torch.Generator(device).manual_seed(0)  # its own: the run's seeded RNG stream must not depend on a cache file
     while True:
-        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        a, b = (torch.randn(n, n, device=device, generator=rng).to(dtype) for _ in range(2))
         _matmul_seconds(a, b)  # warm-up: first-call dispatch, allocation, library init
         seconds = _matmul_seconds(a, b)
         best = max(best, 2 * n**3 / seconds)
