@@ -5,7 +5,6 @@ a stop signal sent to them."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forklaunch
 from shardtune import ShardtuneError
 from shardtune.config import DataConfig
 from shardtune.data.classification import Encoded, load_splits, make_loader, read_examples
@@ -148,7 +148,7 @@ def test_workers_are_forked_from_their_rank_whatever_start_method_the_rank_has(t
     DataLoader workers to a forkserver of its own: they would import everything again, outlive a SIGKILLed rank
     and ignore its SIGTERM (data/workers.py). The workers must be the rank's own children."""
     out = tmp_path / "parents.json"
-    proc = multiprocessing.get_context("forkserver").Process(target=_worker_parents, args=(str(out),))
+    proc = forklaunch.context().Process(target=_worker_parents, args=(str(out),))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0
