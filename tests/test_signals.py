@@ -7,11 +7,13 @@ with the finished run's export."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
 
 import forklaunch
+import wandb_reader
 from conftest import ROOT, tiny_overrides
 
 QS = ROOT / "configs" / "quickstart.yaml"
@@ -67,3 +69,24 @@ def test_a_signal_after_training_finishes_the_eval_test_and_export(sig, workers,
     assert code == 0 and re.search(r"signal \d+ came after training, during the final eval or export: both were finished", out), out[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train/steps"] == 8 and "test/accuracy" in metrics and (run / "model" / "model.safetensors").is_file()
+
+
+def test_a_preempted_slurm_job_is_requeued_once_by_rank_0_after_its_wandb_run_is_closed(tiny_bert, tmp_path):
+    """2 ranks under a (fake) Slurm job: `scontrol requeue` makes Slurm SIGTERM every process of the job at once,
+    W&B's service included, so it must come once, from rank 0, after rank 0 closed its W&B run. (It came from
+    every rank: after the process group was torn down every rank read as rank 0, and rank 1, with no W&B to
+    close, requeued first: the first half's W&B file was lost in about one Slurm test run in three.)"""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "rank $RANK: $*" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    argv = ["train", str(QS), *tiny_overrides(tiny_bert, run, **{"train.max_steps": 8, "train.log_every": 1, "train.eval_every": None,
+                                                                "train.batch_size": 8, "data.max_examples": 120, "tracking.report_to": "[wandb]"})]
+    env = {"SHARDTUNE_FAILPOINTS": "usr1@step=3,rank=1", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    codes = forklaunch.launch(argv, tmp_path, world=2, env=env)
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    assert [c for c in calls.read_text().splitlines() if "requeue" in c] == ["rank 0: requeue 4242"]
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    stopped = int(re.search(r"preempted \(signal on another rank\) at step (\d+)", (tmp_path / "rank0.log").read_text()).group(1))
+    assert [h["_step"] for h in wandb_reader.history(wandb_file) if "train/loss" in h] == list(range(1, stopped + 1))  # closed first

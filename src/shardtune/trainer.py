@@ -256,10 +256,12 @@ class Trainer:
         self.progress.write(f"preempted (signal {self.preemption.received or 'on another rank'}) at step {self.run.step}: checkpoint saved in {ckpt}")
         self.progress.close()
         self.tracker.finish()
+        main = self.strategy.is_main  # read before end(): without a process group every rank reads as rank 0
         self.strategy.end()
-        # last: Slurm ends a requeued job at once (SIGTERM to all its processes), so W&B must be closed before
-        requeued = requeue() if self.strategy.is_main else None
-        if self.strategy.is_main:
+        # last, and by rank 0 alone: Slurm ends a requeued job at once (SIGTERM to all its processes), so rank 0's
+        # W&B run must be closed before
+        requeued = requeue() if main else None
+        if main:
             print(f"requeued job {requeued}" if requeued else f"to resume, run: {resume_command(self.cfg, self.run_dir)}", flush=True)
         self.preemption.restore()
         return {"train/steps": self.run.step, "preempted": True}
