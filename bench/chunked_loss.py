@@ -9,7 +9,11 @@ with fused AdamW (lr 1e-5) for `--steps` optimizer steps per arm:
            full B x T x V fp32 logits), backward, AdamW step
   chunked  `shardtune.losses.install_chunked_head(model)`; the loss sum from
            `head.loss_for(labels)` over `--chunk-tokens` tokens at a time,
-           divided by the token count, backward, AdamW step
+           divided by the token count, backward, AdamW step; under bf16, with
+           shardtune's autocast settings (`distributed.base.autocast_kwargs`: no
+           cast cache), where plain and trainer keep torch's default
+  plain-nocache  (with --arms) plain under shardtune's autocast settings: what
+           the cast cache alone accounts for
   trainer  `transformers.Trainer` on the same rows (its compute_loss:
            `model(**inputs, num_items_in_batch=...)`, the same full logits),
            its default optimizer (adamw_torch_fused), no eval/saving/logging
@@ -134,11 +138,15 @@ def child(a) -> None:
 def loop_arm(a, model, ids) -> list[float]:
     from shardtune.losses import install_chunked_head
 
+    from shardtune.distributed.base import autocast_kwargs
+
     head = install_chunked_head(model, a.chunk_tokens) if a.child == "chunked" else None
+    # shardtune's autocast (no cast cache) in its own arm and in plain-nocache; torch's default in plain
+    cast = autocast_kwargs().to_kwargs() if a.child in ("chunked", "plain-nocache") else {}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     losses = []
     for _ in range(a.steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16", **cast):
             if head is None:
                 loss = model(input_ids=ids, labels=ids).loss
             else:

@@ -79,12 +79,19 @@ def test_gradient_checkpointing_recomputes_each_layer_in_backward(flag, forwards
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
 def test_mixed_precision_sets_the_dtype_linears_compute_in(precision, dtype, tiny_lm_tokenizer, lm_corpus, tmp_path):
     strategy, task = _prepared(_cfg(tiny_lm_tokenizer, lm_corpus, tmp_path, **{"train.mixed_precision": precision}))
-    dtypes = []
-    hook = _calls(task.model.model.layers[0].mlp.down_proj, lambda out: dtypes.append(out.dtype))
+    dtypes, cached = [], []
+
+    def record(out):
+        dtypes.append(out.dtype)
+        cached.append(torch.is_autocast_cache_enabled())
+
+    hook = _calls(task.model.model.layers[0].mlp.down_proj, record)
     with torch.no_grad():
         total, _ = task.loss(strategy.model, next(iter(task.batches())))
     hook.remove()
     assert dtypes == [dtype] and torch.isfinite(total)
+    # no cast cache: it would hold every weight's bf16 copy to the end of the forward (distributed.base.autocast_kwargs)
+    assert cached == [precision == "no"]  # (the flag reads True outside autocast: torch's default)
     assert task.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # autocast: the weights stay fp32
     strategy.end()
 

@@ -198,6 +198,15 @@ def process_group_kwargs(cfg: Config):
     return InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))
 
 
+def autocast_kwargs():
+    """Autocast without its cast cache. The cache keeps every weight's bf16/fp16 copy until the forward ends; a
+    forward uses each weight once, so it saves no cast, and under gradient checkpointing (which recomputes the
+    casts in backward anyway) it held 167 MiB of SmolLM2-135M copies at the step's peak (bench/chunked_loss.py, bf16)."""
+    from accelerate.utils import AutocastKwargs
+
+    return AutocastKwargs(cache_enabled=False)
+
+
 class PlainStrategy(Strategy):
     """One process, or DDP (gloo on CPU, NCCL on GPUs) through Accelerate, which also casts (bf16/fp16 autocast)
     and scales fp16 losses. Checkpoints: DCP, resharded on load (any world size; FSDP2 checkpoints too)."""
@@ -212,7 +221,7 @@ class PlainStrategy(Strategy):
         self.mixed_precision = cfg.train.mixed_precision
         # gradient_accumulation_steps=1: Accelerate would divide every loss by it; the Trainer scales losses itself.
         self.acc = Accelerator(
-            mixed_precision=self.mixed_precision, cpu=not cuda, kwargs_handlers=[process_group_kwargs(cfg)],
+            mixed_precision=self.mixed_precision, cpu=not cuda, kwargs_handlers=[process_group_kwargs(cfg), autocast_kwargs()],
             dynamo_backend="inductor" if cfg.model.compile else None,
         )
         self.device = self.acc.device
