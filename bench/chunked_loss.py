@@ -136,9 +136,8 @@ def child(a) -> None:
 
 
 def loop_arm(a, model, ids) -> list[float]:
-    from shardtune.losses import install_chunked_head
-
     from shardtune.distributed.base import autocast_kwargs
+    from shardtune.losses import install_chunked_head
 
     head = install_chunked_head(model, a.chunk_tokens) if a.child == "chunked" else None
     # shardtune's autocast (no cast cache) in its own arm and in plain-nocache; torch's default in plain

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from functools import partial
 import json
+from functools import partial
+
 import pytest
 import torch
 
