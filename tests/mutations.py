@@ -85,6 +85,15 @@ MUTATIONS = [
     Mutation("DataLoader workers take the rank's start method", "data/workers.py",
              'kwargs.setdefault("multiprocessing_context", multiprocessing.get_context("fork"))', "pass",
              ("tests/test_classification_data.py::test_workers_are_forked_from_their_rank_whatever_start_method_the_rank_has",)),
+    Mutation("every rank requeues (is_main read after the process group is gone)", "trainer.py",
+             "requeued = requeue() if main else None", "requeued = requeue() if self.strategy.is_main else None",
+             ("tests/test_signals.py::test_a_preempted_slurm_job_is_requeued_once_by_rank_0_after_its_wandb_run_is_closed",)),
+    Mutation("autocast keeps its cast cache", "distributed/base.py",
+             "kwargs_handlers=[process_group_kwargs(cfg), autocast_kwargs()]", "kwargs_handlers=[process_group_kwargs(cfg)]",
+             (FLAGS + "test_mixed_precision_sets_the_dtype_linears_compute_in",)),
+    Mutation("the peak measurement draws from the run's RNG", "hardware.py",
+             "torch.randn(n, n, device=device, generator=rng)", "torch.randn(n, n, device=device)",
+             ("tests/test_hardware.py::test_measuring_the_peak_leaves_the_seeded_random_stream_alone",)),
 ]
 
 
