@@ -35,6 +35,15 @@ embedding (it also records the padded sequence length, so one can check that
 the arms saw comparable batches: each arm shuffles with its own sampler). The
 hooks cost the same few microseconds per step in every arm.
 
+In length-grouped runs read the padded tokens/s columns beside samples/s: the
+untimed first W steps are not the same batches in every arm. transformers'
+LengthGroupedSampler puts the longest batch first and walks each mega-batch
+longest first, so the Trainer's and the plain loop's untimed steps are their
+longest batches; shardtune's order starts with its longest batch but shuffles
+the rest. Before shardtune put its longest batch first, its timed window held
+more work per sample than the Trainer's (mean padded length 31.2 vs 30.7 at 200
+steps), which samples/s counted against it. Padded tokens/s divides that out.
+
 Arms run in alternating, rotated order for `--repeats` rounds in one process
 (the machine may be busy with other jobs); the table shows the median
 samples/s per arm and ratios of those medians, plus the best run, and the
@@ -140,11 +149,13 @@ class Recorder:
         seconds = self.steps[-1] - self.steps[warmup - 1]
         cpu_seconds = self.cpu[-1] - self.cpu[warmup - 1]
         samples = sum(b for b, _ in fw)
+        tokens = sum(b * t for b, t in fw)
         return {
             "steps": n,
             "seconds": seconds,
             "samples": samples,
             "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
             "samples_per_cpu_s": samples / cpu_seconds,
             "mean_len": statistics.fmean(t for _, t in fw),
             "threads": sorted(self.threads),
@@ -250,7 +261,7 @@ def run_trainer(a, model_dir: Path, tok, features, out: Path) -> None:
 def plain_order(a, features, arm: str) -> dict:
     """The plain loop's batch order: random, or length-grouped by transformers' LengthGroupedSampler (each
     mega-batch's batches together, longest first) or, for the plain-shardtune-order arm, by shardtune's
-    `length_grouped_order` (the same mega-batches, every batch's place shuffled)."""
+    `length_grouped_order` (the same mega-batches, every batch's place shuffled but the longest batch first)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from shardtune.data.grouping import length_grouped_order
@@ -347,6 +358,7 @@ def print_table(a, results: dict[str, list[dict]], load: tuple[float, float]) ->
     best = {arm: max(r["samples_per_s"] for r in rs) for arm, rs in results.items()}
     cpu = {arm: statistics.median(r["samples_per_cpu_s"] for r in rs) for arm, rs in results.items()}
     mlen = {arm: statistics.fmean(r["mean_len"] for r in rs) for arm, rs in results.items()}
+    tok = {arm: statistics.median(r["tokens_per_s"] for r in rs) for arm, rs in results.items()}
 
     def ratio(arm: str, base: str, of: dict = med) -> str:
         return f"{of[arm] / of[base]:.2f}x" if base in of else "-"
@@ -358,13 +370,15 @@ def print_table(a, results: dict[str, list[dict]], load: tuple[float, float]) ->
     )
     print(
         "| arm | samples/s (median) | samples/s (best) | vs HF Trainer | vs plain loop "
-        "| samples/CPU-s (median) | vs HF Trainer (CPU) | vs plain loop (CPU) | mean padded len |"
+        "| samples/CPU-s (median) | vs HF Trainer (CPU) | vs plain loop (CPU) | mean padded len "
+        "| padded tokens/s (median) | vs HF Trainer (tokens) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arm in results:
         print(
             f"| {arm} | {med[arm]:.1f} | {best[arm]:.1f} | {ratio(arm, 'trainer')} | {ratio(arm, 'plain')} "
-            f"| {cpu[arm]:.1f} | {ratio(arm, 'trainer', cpu)} | {ratio(arm, 'plain', cpu)} | {mlen[arm]:.1f} |"
+            f"| {cpu[arm]:.1f} | {ratio(arm, 'trainer', cpu)} | {ratio(arm, 'plain', cpu)} | {mlen[arm]:.1f} "
+            f"| {tok[arm]:.0f} | {ratio(arm, 'trainer', tok)} |"
         )
 
 

@@ -94,6 +94,9 @@ MUTATIONS = [
     Mutation("the peak measurement draws from the run's RNG", "hardware.py",
              "torch.randn(n, n, device=device, generator=rng)", "torch.randn(n, n, device=device)",
              ("tests/test_hardware.py::test_measuring_the_peak_leaves_the_seeded_random_stream_alone",)),
+    Mutation("the longest batch stays where the shuffle put it", "data/grouping.py",
+             "batches[0], batches[longest] = batches[longest], batches[0]", "pass",
+             ("tests/test_grouping.py::test_the_longest_full_batch_comes_first_in_every_epoch",)),
 ]
 
 

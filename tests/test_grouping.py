@@ -41,7 +41,18 @@ def test_batches_are_length_sorted_runs_and_a_short_last_batch_stays_last():
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     # the batch order is shuffled: the longest batches are not all at the front of their mega-batches
     firsts = [lengths[b[0]] for b in batches[:-1]]
-    assert firsts != sorted(firsts, reverse=True)
+    assert firsts[1:] != sorted(firsts[1:], reverse=True)
+
+
+@pytest.mark.parametrize("epoch", range(4))
+def test_the_longest_full_batch_comes_first_in_every_epoch(epoch):
+    # so that a batch too large for memory fails at the first step of an epoch (the Trainer's sampler does this)
+    lengths = _lengths(1000, seed=epoch)
+    lengths[999] = 200  # the longest example; the first full batch must hold it
+    order = length_grouped_order(lengths, 32, seed=7, epoch=epoch, mega=4)
+    widths = [max(lengths[i] for i in order[k : k + 32]) for k in range(0, 992, 32)]
+    assert widths[0] == 200 == max(widths)
+    assert 999 in order[:32]
 
 
 def test_padded_tokens_counts_rounding_to_a_multiple_of_8():

@@ -3,7 +3,9 @@
 The idea of HF Trainer's LengthGroupedSampler (`group_by_length`): shuffle,
 cut the shuffled order into mega-batches of `mega` global batches, sort each
 mega-batch by length (longest first), cut it into global batches, then
-shuffle the order of those batches. Every example appears once per epoch; the
+shuffle the order of those batches and swap the longest full batch to the
+front, as the Trainer's sampler does, so that a batch too large for memory
+fails at the first step of an epoch, not hours into it. Every example appears once per epoch; the
 order depends only on (lengths, global batch, seed, epoch), not on the world
 size: each global batch is then split over the ranks.
 
@@ -22,8 +24,8 @@ import numpy as np
 
 def length_grouped_order(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, mega: int = 50) -> list[int]:
     """A permutation of range(len(lengths)) whose consecutive runs of `global_batch` indices are batches of
-    similar length, in a shuffled batch order; a last, smaller batch (if any) stays last so that every
-    full slice [k * global_batch, (k + 1) * global_batch) is a batch."""
+    similar length, in a shuffled batch order with the longest full batch first; a last, smaller batch (if any)
+    stays last so that every full slice [k * global_batch, (k + 1) * global_batch) is a batch."""
     if global_batch < 1 or mega < 1:
         raise ValueError(f"global_batch and mega must be positive, got {global_batch} and {mega}")
     lengths = np.asarray(lengths)
@@ -36,7 +38,11 @@ def length_grouped_order(lengths: Sequence[int], global_batch: int, seed: int, e
         block = block[np.argsort(-lengths[block], kind="stable")]  # ties keep their shuffled order
         batches += [block[i : i + global_batch] for i in range(0, len(block), global_batch)]
     last = [batches.pop()] if batches and len(batches[-1]) < global_batch else []
-    batches = [batches[i] for i in rng.permutation(len(batches))] + last
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    if batches:  # each batch is sorted, so its first example is its longest
+        longest = max(range(len(batches)), key=lambda k: lengths[batches[k][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+    batches += last
     return np.concatenate(batches).tolist() if batches else []
 
 
