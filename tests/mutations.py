@@ -97,6 +97,9 @@ MUTATIONS = [
     Mutation("the longest batch stays where the shuffle put it", "data/grouping.py",
              "batches[0], batches[longest] = batches[longest], batches[0]", "pass",
              ("tests/test_grouping.py::test_the_longest_full_batch_comes_first_in_every_epoch",)),
+    Mutation("a peak measured on a busy machine is never measured again", "hardware.py",
+             "if key not in known or remeasure:", "if key not in known:",
+             ("tests/test_hardware.py::test_a_peak_measured_on_a_busy_machine_is_measured_again_once_a_run_beats_it",)),
 ]
 
 
