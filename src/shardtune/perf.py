@@ -131,7 +131,6 @@ class Throughput:
             out["train/loss_scale"] = scale
         return out
 
-
     def _mfu(self, per_device: float) -> float:
         """Model FLOP/s over the peak. Above 1 on a CPU the cached measured peak is too low (it was measured while
         the machine was busy): measure it once more, keep the better one, and say so."""
