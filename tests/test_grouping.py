@@ -73,3 +73,34 @@ def test_pads_far_less_than_a_random_order_on_the_real_rotten_tomatoes_lengths()
     grouped = length_grouped_order(lengths, 32, seed=42, epoch=0)
     pad_random, pad_grouped = padded_tokens(lengths, random, 32), padded_tokens(lengths, grouped, 32)
     assert pad_grouped < pad_random / 4, (pad_grouped, pad_random)
+
+
+def test_a_checkpoint_position_names_its_batch_order_and_another_order_is_reported_on_load():
+    """`samples` counts into one epoch's order: a position saved in another order (before the longest batch went
+    first, or with group_by_length switched) resumes into a different rest of the epoch, which must be said."""
+    import warnings
+
+    from shardtune.data.grouping import GROUPED_ORDER
+    from shardtune.tasks import EpochPosition
+
+    class Task(EpochPosition):
+        data_name = "classification"
+
+        def __init__(self, order):
+            self.order, self._position = order, {"epoch": 0, "samples": 0}
+
+    grouped, random = Task(GROUPED_ORDER), Task(None)
+    saved = grouped.state_dict({"epoch": 1, "samples": 64})
+    assert saved == {"epoch": 1, "samples": 64, "order": GROUPED_ORDER}
+    assert random.state_dict({"epoch": 1, "samples": 64}) == {"epoch": 1, "samples": 64}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped.load_state_dict([saved, saved])  # the same order: silent
+        random.load_state_dict([{"epoch": 1, "samples": 64}])
+        grouped.load_state_dict([{"epoch": 2, "samples": 0}])  # at an epoch's start every order is whole
+    assert grouped.position() == {"epoch": 2, "samples": 0}
+    with pytest.warns(UserWarning, match="64 examples into epoch 1 of batch order random .* some of its examples repeat"):
+        grouped.load_state_dict([{"epoch": 1, "samples": 64}])  # an older checkpoint: no order recorded
+    assert grouped.position() == {"epoch": 1, "samples": 64}
+    with pytest.warns(UserWarning, match="and this run's order is random"):
+        random.load_state_dict([saved])

@@ -22,6 +22,9 @@ from typing import Sequence
 import numpy as np
 
 
+GROUPED_ORDER = "length-grouped, longest batch first"  # a checkpoint's position counts into this order (tasks.EpochPosition)
+
+
 def length_grouped_order(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, mega: int = 50) -> list[int]:
     """A permutation of range(len(lengths)) whose consecutive runs of `global_batch` indices are batches of
     similar length, in a shuffled batch order with the longest full batch first; a last, smaller batch (if any)

@@ -11,8 +11,9 @@ changes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -71,19 +72,27 @@ class EpochPosition:
 
     _position: dict
     data_name: ClassVar[str]  # for the message of a damaged checkpoint
+    order: Optional[str] = None  # which batch order `samples` counts into, when it is not the seeded random one
 
     def position(self) -> dict:
         return dict(self._position)
 
     def state_dict(self, position: dict) -> dict:
-        return dict(position)
+        return {**position, "order": self.order} if self.order else dict(position)
 
     def load_state_dict(self, states: list[dict]) -> None:
         if any(s != states[0] for s in states):
             from shardtune import ShardtuneError
 
             raise ShardtuneError(f"the checkpoint's ranks disagree on the {self.data_name} data position; it is damaged, resume from another one.")
-        self._position = dict(states[0])
+        saved = dict(states[0])
+        order = saved.pop("order", None)
+        if order != self.order and saved["samples"]:
+            warnings.warn(
+                f"the checkpoint stopped {saved['samples']} examples into epoch {saved['epoch']} of batch order "
+                f"{order or 'random (or length-grouped before 2026-12-02)'}, and this run's order is {self.order or 'random'}: "
+                "the rest of that epoch follows this run's order, so some of its examples repeat and others are skipped", stacklevel=2)
+        self._position = saved
 
 
 def task_classes() -> dict[str, type]:

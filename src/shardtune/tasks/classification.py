@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from shardtune.config import TASK_SPECS, Config
 from shardtune.data.batching import Padded, StepBatches, seeded_order, shard_eval
 from shardtune.data.classification import Encoded, PadCollator, load_splits
-from shardtune.data.grouping import length_grouped_order
+from shardtune.data.grouping import GROUPED_ORDER, length_grouped_order
 from shardtune.metrics import IGNORE, classification_sums, metrics_from_sums
 from shardtune.tasks import EpochPosition, Sizes
 
@@ -55,6 +55,7 @@ class ClassificationTask(EpochPosition):
         if cfg.data.group_by_length:  # steps of similar lengths: dynamic padding then pads little (data/grouping.py)
             lengths = [len(f["input_ids"]) for f in self.train_set.features]
             order = lambda epoch: length_grouped_order(lengths, step_size, t.seed, epoch)  # noqa: E731
+            self.order = GROUPED_ORDER
         self.steps = StepBatches(len(self.train_set), order, t.batch_size, strategy.world, strategy.rank, t.grad_accum)
         self._position = {"epoch": 0, "samples": 0}
 
