@@ -172,9 +172,10 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: Device = "cpu"
     return best
 
 
-def mfu_peak(device: Device, mixed_precision: str, measure: bool = True) -> tuple[Optional[float], str]:
+def mfu_peak(device: Device, mixed_precision: str, measure: bool = True, remeasure: bool = False) -> tuple[Optional[float], str]:
     """(peak FLOP/s to divide train/mfu by, where it comes from). GPUs: the datasheet table (`shardtune.flops`);
-    CPUs: this process's measured matmul peak in the step's dtype (bf16 under bf16 autocast, else fp32)."""
+    CPUs: this process's measured matmul peak in the step's dtype (bf16 under bf16 autocast, else fp32);
+    `remeasure` measures that once more (`cpu_peak_cached`)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -184,7 +185,7 @@ def mfu_peak(device: Device, mixed_precision: str, measure: bool = True) -> tupl
         return None, f"no peak for {device.type}" if measure else "peak measurement off"
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return cpu_peak_cached(dtype), f"measured {name} matmul peak of this CPU at {torch.get_num_threads()} thread(s)"
+    return cpu_peak_cached(dtype, remeasure), f"measured {name} matmul peak of this CPU at {torch.get_num_threads()} thread(s)"
 
 
 def cpu_peak_cached(dtype: torch.dtype, remeasure: bool = False) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from shardtune.flops import model_flops_per_token
-from shardtune.hardware import cpu_peak_cached, mfu_peak
+from shardtune.hardware import mfu_peak
 
 GIB = 1024**3
 
@@ -93,7 +93,7 @@ class Throughput:
         self.flops_per_token = model_flops_per_token(model, seq_len)
         # the GPU's datasheet peak, or this CPU's measured matmul peak in the step's dtype (hardware.py)
         self.peak, self.peak_source = mfu_peak(strategy.device, mixed_precision)
-        self.peak_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+        self.mixed_precision = mixed_precision
         self.peak_checked = strategy.device.type != "cpu"  # a measured (CPU) peak is checked once against the run
 
     def settle(self, w: Window, run) -> None:
@@ -137,7 +137,7 @@ class Throughput:
         mfu = per_device * self.flops_per_token / self.peak
         if mfu > 1 and not self.peak_checked:
             self.peak_checked, old = True, self.peak
-            self.peak = cpu_peak_cached(self.peak_dtype, remeasure=True)
+            self.peak, _ = mfu_peak(self.strategy.device, self.mixed_precision, remeasure=True)
             warnings.warn(
                 f"train/mfu came out at {mfu:.2f}: this run's model FLOP/s exceed the cached {self.peak_source} "
                 f"({old / 1e9:.0f} GFLOP/s), which must have been measured while the machine was busy; measured it "

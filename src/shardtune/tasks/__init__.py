@@ -90,7 +90,7 @@ class EpochPosition:
         if order != self.order and saved["samples"]:
             warnings.warn(
                 f"the checkpoint stopped {saved['samples']} examples into epoch {saved['epoch']} of batch order "
-                f"{order or 'random (or length-grouped before 2026-12-02)'}, and this run's order is {self.order or 'random'}: "
+                f"{order or 'random (or length-grouped by an older shardtune)'}, and this run's order is {self.order or 'random'}: "
                 "the rest of that epoch follows this run's order, so some of its examples repeat and others are skipped", stacklevel=2)
         self._position = saved
 
