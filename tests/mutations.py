@@ -100,6 +100,15 @@ MUTATIONS = [
     Mutation("a peak measured on a busy machine is never measured again", "hardware.py",
              "if key not in known or remeasure:", "if key not in known:",
              ("tests/test_hardware.py::test_a_peak_measured_on_a_busy_machine_is_measured_again_once_a_run_beats_it",)),
+    Mutation("FSDP2 x TP scales the loss by the world, not the dp x sp ranks", "distributed/fsdp.py",
+             "(loss * self.mesh.batch).backward()", "(loss * self.world).backward()",
+             ("tests/test_mesh.py::test_every_step_matches_one_process[fsdp_tp]",)),
+    Mutation("a tp group's ranks read different data slots", "tasks/causal_lm.py",
+             "rank=s.dp_rank, world_size=s.dp_world", "rank=s.rank, world_size=s.world",
+             ("tests/test_mesh.py::test_every_step_matches_one_process[tp]",)),
+    Mutation("sequence chunks lose the target past their last token", "distributed/parallel.py",
+             '"shift_labels": shift_labels(batch["labels"])[:, chunk]', '"shift_labels": shift_labels(batch["labels"][:, chunk])',
+             ("tests/test_mesh.py::test_every_step_matches_one_process[sp]",)),
 ]
 
 

@@ -144,7 +144,11 @@ def test_1b_on_one_8gib_gpu_names_the_remedies(shape_1b):
     with pytest.raises(ShardtuneError, match="Nothing fits"):
         choose_strategy(load_config(LLAMA_1B), 1, 8 * GiB, shape=shape_1b)
     off = plan(load_config(LLAMA_1B, ["model.gradient_checkpointing=false"]), 8, 24 * GiB, shape=shape_1b)
-    assert off.best is None and "model.gradient_checkpointing=true" in off.verdict
+    assert not any(r.fits for r in off.rows)  # no one-axis strategy holds the activations without checkpointing ...
+    assert off.best == "fsdp" and off.mesh.seq * off.mesh.tp > 1 and "dist.mesh." in off.verdict  # ... a mesh that splits them does
+    none = plan(load_config(LLAMA_1B, ["model.gradient_checkpointing=false", "train.batch_size=64"]), 8, 24 * GiB, shape=shape_1b)
+    assert none.best is None and not any(r.fits for r in none.meshes) and none.verdict.startswith("nothing fits")
+    assert "train.batch_size=" in none.verdict
 
 
 def test_1b_on_eight_80gib_gpus_table(shape_1b):
@@ -160,8 +164,8 @@ def test_choose_strategy(tiny_bert, shape_1b):
     tiny = load_config(QUICKSTART, [f"model.name_or_path={tiny_bert}"])
     assert choose_strategy(tiny, 8, 80 * GiB)[0] == "ddp"
     assert choose_strategy(tiny, 1, 80 * GiB)[0] == "single_gpu"
-    strategy, reason = choose_strategy(load_config(LLAMA_1B, ["train.batch_size=2"]), 8, 16 * GiB, shape=shape_1b)
-    assert strategy in ("zero1", "zero2", "fsdp", "zero3", "zero3_offload") and strategy in reason
+    strategy, reason, mesh = choose_strategy(load_config(LLAMA_1B, ["train.batch_size=2"]), 8, 16 * GiB, shape=shape_1b)
+    assert strategy in ("zero1", "zero2", "fsdp", "zero3", "zero3_offload") and strategy in reason and mesh.world == 8
 
 
 def test_plan_knows_every_task_from_its_spec(run_cli):

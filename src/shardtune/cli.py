@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--node-rank", type=int, help="this node's rank (default 0)")
     la.add_argument("--main-address", help="address of node 0 (multi-node)")
     la.add_argument("--main-port", type=int, help="rendezvous port (default 29500)")
+    ms = la.add_argument_group("device mesh", "named axes (dist.mesh in the config; README, 'The device mesh'); with --strategy fsdp")
+    ms.add_argument("--dp-replicate", type=int, metavar="N", help="data-parallel replicas (HSDP across nodes)")
+    ms.add_argument("--dp-shard", type=int, metavar="N", help="FSDP2 shard ranks (-1 = what the other axes leave)")
+    ms.add_argument("--tp", type=int, metavar="N", help="tensor-parallel ranks (within a node)")
+    ms.add_argument("--sp", type=int, metavar="N", help="sequence-parallel ranks (Ulysses)")
     la.add_argument("--launch-dir", type=Path, help="folder of strategy configs (default: the checkout's launch/)")
     la.add_argument("--dry-run", action="store_true", help="print the command (with --slurm: the job script), do not run or submit it")
     sl = la.add_argument_group("Slurm", "with --slurm: submit the run as a preemptible, requeueing batch job (see docs/slurm.md)")
@@ -69,15 +74,23 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan",
-        help="memory per GPU for each strategy: what fits, largest micro-batch",
+        help="memory per GPU for each strategy and mesh, predicted step time and tokens/s/GPU: the fastest that fits",
         description="Estimate parameters, gradients, optimizer state and activations per GPU for ddp, zero1/2/3, "
-        "zero3_offload and fsdp (no GPU needed), and name the fastest strategy that fits.",
+        "zero3_offload and fsdp, then for every device mesh (FSDP2 x HSDP x tensor x sequence parallel) its memory, "
+        "predicted step time and tokens/s/GPU (compute at a calibrated fraction of peak, communication per mesh axis "
+        "over the link it crosses; docs/benchmarks.md, 'Planner calibration'), and name the fastest that fits. No GPU needed.",
     )
     pl.add_argument("config", help="YAML config file")
     pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=4")
     pl.add_argument("--gpus", type=int, help="GPUs per node (default: all visible)")
     pl.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB, 80GB, 24G, 81920MiB (default: GPU 0's)")
     pl.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    pl.add_argument("--gpu-type", help="h100, h100-pcie, h200, a100, a100-40gb, l40s, a10, rtx4090: peak FLOP/s, memory "
+                    "and link defaults (default: GPU 0's type, else h100)")
+    pl.add_argument("--intra-node-bandwidth", type=float, metavar="GB/s", help="one-direction GPU-to-GPU bandwidth within a node "
+                    "(default: the GPU type's NVLink or PCIe, e.g. 450 for H100 SXM)")
+    pl.add_argument("--inter-node-bandwidth", type=float, metavar="GB/s", help="one-direction network bandwidth per GPU across "
+                    "nodes (default: 50 = 400 Gb/s per GPU for H100/H200, 25 for A100)")
 
     ex = sub.add_parser("export", help="checkpoint -> HF safetensors folder", description="Consolidate a checkpoint (ZeRO shards too) into an HF folder.")
     ex.add_argument("checkpoint", type=Path, help="runs/.../checkpoints/step-N")
@@ -111,23 +124,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from shardtune.distributed.comm import alone_of_many
+
+    alone = alone_of_many()
+    if alone:
+        raise ShardtuneError(alone)
     from shardtune.trainer import train
 
     train(cfg, Path(args.config).stem)
     return 0
 
 
-def auto_strategy(cfg, gpus: int, nodes: int, gpu_memory: int | None = None) -> tuple[str, str]:
-    """`strategy: auto`: the fastest strategy that fits by the memory plan of this machine's GPUs."""
+def auto_strategy(cfg, gpus: int, nodes: int, gpu_memory: int | None = None):
+    """`strategy: auto` -> (strategy, why, mesh): the fastest layout that fits this machine's GPUs by the planner's
+    predicted step time. A dist.mesh the config sets is kept (only layouts it runs); else the mesh is chosen too."""
     import torch
 
+    from shardtune.mesh import Mesh
+
     if gpus == 0:
-        return "cpu", "no GPUs, so CPU processes over gloo"
+        return "cpu", "no GPUs, so CPU processes over gloo", Mesh(dp_shard=1)
     from shardtune.plan import choose_strategy
+    from shardtune.plan_time import GPUS, Cluster, gpu_spec
 
     memory = gpu_memory if gpu_memory is not None else torch.cuda.get_device_properties(0).total_memory
-    strategy, why = choose_strategy(cfg, gpus, memory, nodes)
-    return ("single_gpu" if strategy == "ddp" and gpus * nodes == 1 else strategy), why
+    try:
+        spec = gpu_spec(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else GPUS["h100"]
+    except ShardtuneError:
+        spec = GPUS["h100"]  # an unknown GPU: the memory plan is exact, the step times are an H100's
+    strategy, why, mesh = choose_strategy(cfg, gpus, memory, nodes, cluster=Cluster(spec, gpus, nodes),
+                                          launchable=not cfg.dist.mesh.is_default)
+    return ("single_gpu" if strategy == "ddp" and gpus * nodes == 1 else strategy), why, mesh
+
+
+MESH_FLAGS = ("dp_replicate", "dp_shard", "tp", "sp")
+
+
+def mesh_overrides(args: argparse.Namespace) -> list[str]:
+    """--tp 2 and the other mesh flags of `shardtune launch` as dist.mesh.* overrides."""
+    return [f"dist.mesh.{axis}={getattr(args, axis)}" for axis in MESH_FLAGS if getattr(args, axis) is not None]
 
 
 def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
@@ -138,6 +173,7 @@ def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
     from shardtune.config import load_config
     from shardtune.launcher import LaunchSpec, build_command, default_strategy, find_launch_dir, render
 
+    args.overrides = list(args.overrides) + mesh_overrides(args)
     cfg = load_config(args.config, args.overrides)  # fail here, not in N processes
     if args.slurm:
         return launch_slurm(args, cfg, extra)
@@ -145,8 +181,11 @@ def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
     strategy = args.strategy or cfg.dist.strategy or default_strategy(gpus)
     overrides = list(args.overrides)
     if strategy == "auto":
-        strategy, why = auto_strategy(cfg, gpus, args.nodes)
+        strategy, why, mesh = auto_strategy(cfg, gpus, args.nodes)
         print(f"strategy auto -> {strategy}: {why}", flush=True)  # dist.strategy=S in the command records the choice
+        if cfg.dist.mesh.is_default and not mesh.one_axis:  # the chosen mesh travels as overrides, as the strategy does
+            overrides += [f"dist.mesh.{axis}={getattr(mesh, axis)}" for axis in ("dp_replicate", "dp_shard", "tp", "sp") if getattr(mesh, axis) != 1]
+            cfg = load_config(args.config, overrides)
     spec = LaunchSpec(
         config=args.config,
         strategy=strategy,
@@ -160,6 +199,11 @@ def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
         overrides=overrides,
         extra=extra,
     )
+    from shardtune.distributed import check_launch
+    from shardtune.launcher import processes_per_node
+
+    per_node = processes_per_node(spec)
+    check_launch(cfg, strategy, per_node * args.nodes, gpus > 0, per_node)  # one sentence here, not one per rank
     cmd = build_command(spec)
     print(render(cmd), flush=True)
     if args.dry_run:
@@ -192,6 +236,10 @@ def launch_slurm(args: argparse.Namespace, cfg, extra: list[str]) -> int:
     overrides = list(args.overrides) + ([] if cfg.output.dir else [f"output.dir={run_dir}"])  # a requeued job resumes there
     launch_args = ["--gpus", str(args.gpus)] + (["--strategy", args.strategy] if args.strategy else [])
     launch_args += ["--processes", str(args.processes)] if args.processes is not None else []
+    from shardtune.distributed import check_launch
+
+    per_node = args.gpus or args.processes or 2
+    check_launch(cfg, args.strategy or cfg.dist.strategy or ("ddp" if args.gpus else "cpu"), per_node * args.nodes, args.gpus > 0, per_node)
     job = SlurmJob(
         config=str(Path(args.config).resolve()), shardtune=[sys.executable, "-m", "shardtune.cli"],
         output=str(run_dir.parent / f"{run_dir.name}.slurm-%j.out"), job_name=args.job_name or run_dir.name, nodes=args.nodes,
@@ -235,15 +283,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from shardtune.config import load_config
     from shardtune.plan import parse_memory, plan
+    from shardtune.plan_time import GPUS, Cluster, gpu_spec
 
     memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    for flag in ("intra_node_bandwidth", "inter_node_bandwidth"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ShardtuneError(f"--{flag.replace('_', '-')} must be a positive number of GB/s, e.g. 50 for 400 Gb/s per GPU.")
+    spec = gpu_spec(args.gpu_type) if args.gpu_type else None
     cfg = load_config(args.config, args.overrides)
     cuda = torch.cuda.device_count()
+    if memory is None and spec is not None:
+        memory = spec.memory_mib << 20
     if (args.gpus is None or memory is None) and not cuda:
-        raise ShardtuneError("no CUDA GPU is visible here, so say what to plan for: e.g. --gpus 8 --gpu-memory 80GiB.")
+        raise ShardtuneError("no CUDA GPU is visible here, so say what to plan for: e.g. --gpus 8 --gpu-memory 80GiB "
+                             "(or --gpus 8 --gpu-type h100).")
     gpus = args.gpus if args.gpus is not None else cuda
     memory = memory if memory is not None else torch.cuda.get_device_properties(0).total_memory
-    print(plan(cfg, gpus, memory, args.nodes).table())
+    if spec is None and cuda:
+        try:
+            spec = gpu_spec(torch.cuda.get_device_name(0))
+        except ShardtuneError:
+            pass
+    if spec is None:
+        print("GPU type not given (--gpu-type): step times are predicted for an H100 SXM.")
+    gb = lambda v: v * 1e9 if v is not None else None  # noqa: E731
+    cluster = Cluster(spec or GPUS["h100"], gpus, args.nodes, gb(args.intra_node_bandwidth), gb(args.inter_node_bandwidth))
+    print(plan(cfg, gpus, memory, args.nodes, cluster=cluster).table())
     return 0
 
 

@@ -183,6 +183,28 @@ class TrackingConfig(_Section):
 STRATEGIES = ("cpu", "single_gpu", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp")
 
 
+class MeshConfig(_Section):
+    """The run's device mesh: data-parallel replicate x data-parallel shard x context (sequence) x tensor = the world size."""
+
+    dp_replicate: int = Field(1, ge=1, description="Data-parallel replicas (HSDP across nodes when dp_shard > 1): gradients all-reduced between them.")
+    dp_shard: int = Field(-1, ge=-1, description="Data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2); -1 = whatever the other axes leave.")
+    tp: int = Field(1, ge=1, description="Tensor parallelism: each block's matmuls split over this many ranks (within a node).")
+    sp: int = Field(1, ge=1, description="Sequence parallelism (Ulysses, all-to-all over heads): each rank holds 1/sp of every sequence.")
+    cp: int = Field(1, ge=1, description="Context parallelism (ring attention; CUDA only): each rank holds 1/cp of every sequence.")
+    allow_tp_across_nodes: bool = Field(False, description="Let tp exceed the GPUs of one node (slow: TP all-reduces every layer).")
+
+    @field_validator("dp_shard")
+    @classmethod
+    def _fill_or_positive(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("dp_shard must be -1 (fill) or at least 1")
+        return v
+
+    @property
+    def is_default(self) -> bool:
+        return (self.dp_replicate, self.dp_shard, self.tp, self.sp, self.cp) == (1, -1, 1, 1, 1)
+
+
 class DistConfig(_Section):
     strategy: Optional[Literal[STRATEGIES + ("auto",)]] = Field(
         None,
@@ -193,6 +215,7 @@ class DistConfig(_Section):
     term_grace_seconds: float = Field(
         20, gt=0, description="After SIGTERM, a rank that has not reached its next step boundary within this exits at once (a stuck rank must not outlive its job)."
     )
+    mesh: MeshConfig = Field(MeshConfig(), description="Named device-mesh axes (README, 'The device mesh'); the default is one data-parallel axis.")
 
 
 class OutputConfig(_Section):

@@ -156,11 +156,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return *scaled, None, None, None, None
 
 
-def chunked_cross_entropy(hidden, weight, bias, labels, z_loss: float = 0.0, chunk_tokens: Optional[int] = None):
-    """(loss_sum, tokens, lse_sq_sum) of next-token CE over `labels` (B x T, -100 ignored; shifted here) from
-    hidden states B x T x H, chunk by chunk. Only rows with a target reach the matmul; without grad mode
-    (eval) no gradient is computed."""
-    targets = shift_labels(labels).reshape(-1)
+def chunked_cross_entropy(hidden, weight, bias, labels, z_loss: float = 0.0, chunk_tokens: Optional[int] = None, shifted: bool = False):
+    """(loss_sum, tokens, lse_sq_sum) of next-token CE over `labels` (B x T, -100 ignored; shifted here unless
+    `shifted`: then labels[t] is already position t's target, as for a sequence-parallel chunk) from hidden states
+    B x T x H, chunk by chunk. Only rows with a target reach the matmul; without grad mode (eval) no gradient is
+    computed."""
+    targets = (labels if shifted else shift_labels(labels)).reshape(-1)
     valid = targets != IGNORE_INDEX
     tokens = valid.sum()
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -176,11 +177,11 @@ def chunked_cross_entropy(hidden, weight, bias, labels, z_loss: float = 0.0, chu
     return loss, tokens, lse_sq
 
 
-def _liger_loss(hidden, weight, bias, labels, z_loss: float):
+def _liger_loss(hidden, weight, bias, labels, z_loss: float, shifted: bool = False):
     """(loss_sum, tokens, None) through Liger's fused linear cross entropy (CUDA). Not run on the CPU build machine."""
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    targets = shift_labels(labels).reshape(-1)
+    targets = (labels if shifted else shift_labels(labels)).reshape(-1)
     fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, lse_square_scale=float(z_loss), reduction="sum")
     loss = fn(weight, hidden.reshape(-1, hidden.shape[-1]), targets, bias)
     return loss, (targets != IGNORE_INDEX).sum(), None
@@ -189,8 +190,8 @@ def _liger_loss(hidden, weight, bias, labels, z_loss: float):
 class LMLoss:
     """One forward's loss request and, once the head has run, its result."""
 
-    def __init__(self, labels: torch.Tensor, z_loss: float, chunk_tokens: Optional[int], backend: str):
-        self.labels, self.z_loss, self.chunk_tokens, self.backend = labels, z_loss, chunk_tokens, backend
+    def __init__(self, labels: torch.Tensor, z_loss: float, chunk_tokens: Optional[int], backend: str, shifted: bool = False):
+        self.labels, self.z_loss, self.chunk_tokens, self.backend, self.shifted = labels, z_loss, chunk_tokens, backend, shifted
         self.loss_sum: Optional[torch.Tensor] = None
         self.tokens: Optional[torch.Tensor] = None  # 0-dim int64: label tokens (shifted targets) in the micro-batch
         self.lse_sq_sum: Optional[torch.Tensor] = None  # detached sum of logsumexp^2, for logging the z-loss
@@ -205,9 +206,9 @@ class LMLoss:
             )
         labels = self.labels.to(hidden.device)
         if self.backend == "liger":
-            self.loss_sum, self.tokens, self.lse_sq_sum = _liger_loss(hidden, weight, bias, labels, self.z_loss)
+            self.loss_sum, self.tokens, self.lse_sq_sum = _liger_loss(hidden, weight, bias, labels, self.z_loss, self.shifted)
         else:
-            self.loss_sum, self.tokens, self.lse_sq_sum = chunked_cross_entropy(hidden, weight, bias, labels, self.z_loss, self.chunk_tokens)
+            self.loss_sum, self.tokens, self.lse_sq_sum = chunked_cross_entropy(hidden, weight, bias, labels, self.z_loss, self.chunk_tokens, self.shifted)
         return self.loss_sum
 
     def result(self, out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,11 +238,12 @@ class ChunkedLMHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
 
     @contextmanager
-    def loss_for(self, labels: torch.Tensor, z_loss: float = 0.0, chunk_tokens: Optional[int] = None) -> Iterator[LMLoss]:
-        """While open, the next forward returns the loss sum (a 0-dim tensor) instead of logits."""
+    def loss_for(self, labels: torch.Tensor, z_loss: float = 0.0, chunk_tokens: Optional[int] = None, shifted: bool = False) -> Iterator[LMLoss]:
+        """While open, the next forward returns the loss sum (a 0-dim tensor) instead of logits; `shifted`: labels[t]
+        is already position t's target."""
         if self._pending is not None:
             raise RuntimeError("loss_for contexts do not nest")
-        self._pending = LMLoss(labels, z_loss, chunk_tokens or self.chunk_tokens, self.backend)
+        self._pending = LMLoss(labels, z_loss, chunk_tokens or self.chunk_tokens, self.backend, shifted)
         try:
             yield self._pending
         finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shardtune import ShardtuneError
 from shardtune.assets import PACKAGED_MODELS, packaged_model
-from shardtune.config import LoraConfig, ModelConfig
+from shardtune.config import TASK_SPECS, Config, LoraConfig, ModelConfig
 from shardtune.distributed.init import unsharded_init
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -98,11 +98,40 @@ def load_classifier(cfg: ModelConfig, labels: list[str]):
     return add_lora(model, cfg.lora, "SEQ_CLS", adapter_base_name(cfg.name_or_path)) if cfg.lora else model
 
 
+def position_limit(model) -> int | None:
+    """The positions a loaded model was trained with: its config's max_position_embeddings (GPT-2: n_positions), less
+    RoBERTa's offset (its position table starts after the padding index); None where the config names none."""
+    import torch
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+            return min(limit, module.num_embeddings - module.padding_idx - 1)
+    return limit
+
+
+def check_positions(model, cfg: Config) -> None:
+    """Refuse rows longer than a pretrained model's positions (a position table would be indexed past its end at the
+    first long row); a causal LM from scratch gets its positions from the config."""
+    spec = TASK_SPECS[cfg.task]
+    length, limit = spec.seq_len_of(cfg), position_limit(model)
+    if limit is not None and length > limit and not (spec.causal and cfg.model.init == "scratch"):
+        raise ShardtuneError(
+            f"{spec.seq_len} {length} is more than the {limit} positions {cfg.model.name_or_path} was trained with; "
+            f"set {spec.seq_len} to at most {limit}."
+        )
+
+
 # Llama-architecture sizes for pretraining from scratch (vocab from the tokenizer).
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    # Llama-3 8B and 70B shapes (vocabulary from the tokenizer); for planning and large-scale runs
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
 }
 
 

@@ -80,7 +80,7 @@ def _count(w: Window, run, samples: float, tokens: float) -> None:
 
 def _sums(strategy, *values) -> list[float]:
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=strategy.device) for v in values])
-    return strategy.all_reduce_sum(t).tolist()
+    return strategy.data_sum(t).tolist()
 
 
 class Throughput:

@@ -56,176 +56,32 @@ are linear in b, so the largest micro-batch is solved for directly.
 A GPU is usable up to its memory less a reserve of 1 GiB + 5% (CUDA context,
 cuBLAS/NCCL workspaces, allocator fragmentation).
 
-Speed order, fastest first, for the verdict and `choose_strategy`:
-ddp > zero1 > zero2 > fsdp ≈ zero3 > zero3_offload. DDP all-reduces 2Ψ per step
-with no partition bookkeeping; ZeRO-1/2 move the same volume but add it (1.6-1.7x
-DDP's step on our CPU runs); FSDP and ZeRO-3 move 1.5x the volume and gather
-parameters per layer (FSDP2 first: no Python hooks per module); offload adds
-PCIe transfers and a CPU optimizer step.
+Meshes: ddp and zero1/2/3 on one data-parallel axis, then each FSDP2 mesh of `mesh.candidates` whose tp/sp divide the
+heads. An FSDP2 mesh holds 16Ψ/(dp_shard·sp·cp) of model states, the blocks' Linears (Ψ_tp) once more over tp
+(`plan_memory.mesh_state_bytes`: FSDP2 shards over the ranks whose gradients it averages; replicas do not shard),
+the gather buffers above over tp, and 1/(tp·sp·cp) of a micro-batch's activations (TP with sequence parallelism splits
+them all). The global batch stays batch_size x grad_accum x GPUs sequences: each data-parallel rank runs micro-batches
+of batch_size, so a mesh with tp·sp·cp = k runs k times the accumulation steps, each split k ways.
+
+Speed: each layout's step time comes from `plan_time`; the verdict and `choose_strategy` take the fastest that fits
+(the simpler within 3%; ZeRO only where no DDP/FSDP2 layout fits). In fp32, or when no timed layout fits, the memory
+order stands: ddp > zero1 > zero2 > fsdp ≈ zero3 > zero3_offload (offload: PCIe transfers and a CPU optimizer step).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 from shardtune import ShardtuneError
-from shardtune.config import TASK_SPECS, Config
+from shardtune.config import Config
+from shardtune.mesh import Mesh, resolve
+from shardtune.plan_time import GPUS, TIE, Cluster, Layout, MeshRow, Work, columns, fastest, layouts, mesh_table, overrides, step_time, why
 
-GiB = 1 << 30
-SPEED_ORDER = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")
-RESERVE_BYTES, RESERVE_FRACTION = 1 * GiB, 0.05
-# Mirror launch/deepspeed/*.json (tests/test_plan.py checks that they agree).
-DS_REDUCE_BUCKET = 5e7
-DS_MAX_LIVE_PARAMETERS = 1e9
-_UNITS = {"": None, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": GiB, "gb": 10**9, "gib": GiB, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_memory(text: str) -> int:
-    """'80GiB', '80GB', '24G', '81920MiB' -> bytes. GB/MB are SI (10^9); GiB and a bare G are 2^30."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    factor = _UNITS.get(m.group(2).lower()) if m else None
-    if not factor or float(m.group(1)) <= 0:
-        raise ShardtuneError(f"--gpu-memory {text!r} is not a memory size with a unit; write it like 80GiB, 80GB, 24G or 81920MiB.")
-    return int(float(m.group(1)) * factor)
-
-
-def model_state_bytes(num_params: int, strategy: str, world: int, mixed_precision: str) -> dict[str, float]:
-    """Per-rank bytes of params, grads, the fp32 master copy and the Adam moments (table in the module docstring)."""
-    if strategy not in ("cpu", "single_gpu", *SPEED_ORDER):
-        raise ShardtuneError(f"unknown strategy {strategy!r}; choose one of cpu, single_gpu, {', '.join(SPEED_ORDER)}.")
-    psi, n = float(num_params), max(1, world)
-    if strategy in ("cpu", "single_gpu", "ddp"):
-        return {"params": 4 * psi, "grads": 4 * psi, "master": 0.0, "optim": 8 * psi}
-    if strategy == "fsdp":
-        return {"params": 4 * psi / n, "grads": 4 * psi / n, "master": 0.0, "optim": 8 * psi / n}
-    p = 4 if mixed_precision == "no" else 2
-    stage = 3 if strategy.startswith("zero3") else int(strategy[-1])
-    return {
-        "params": p * psi / (n if stage >= 3 else 1),
-        "grads": p * psi / (n if stage >= 2 else 1),
-        "master": 4 * psi / n,
-        "optim": 8 * psi / n,
-    }
-
-
-# ---------------------------------------------------------------- the model's shape
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the estimate needs to know about a model; see model_shape()."""
-
-    name: str
-    num_params: int  # Ψ: unique parameters
-    layers: int
-    hidden: int
-    heads: int
-    kv_dim: int
-    ffn: int
-    gated: bool
-    dropout: bool
-    eager: bool
-    vocab: int  # logits per token at the loss (0 = classification: negligible)
-    layer_params: int  # one decoder/encoder layer
-    seq_len: int
-
-
-def _meta_model(cfg: Config):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from shardtune.models import load_causal_lm, load_tokenizer, resolve_model
-
-    m, causal = cfg.model, TASK_SPECS[cfg.task].causal
-    try:
-        if causal and m.init == "scratch":
-            tokenizer = load_tokenizer(m)  # the vocab comes from it
-            with torch.device("meta"):
-                return load_causal_lm(m.model_copy(update={"gradient_checkpointing": False}), tokenizer)
-        source = resolve_model(m.name_or_path)
-        if causal:
-            mcfg = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code)
-            auto = AutoModelForCausalLM
-        else:
-            labels = len(cfg.data.labels) if cfg.data.labels else 2  # the head is h x labels: negligible
-            extra = {"hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.dropout} if m.dropout is not None else {}
-            mcfg = AutoConfig.from_pretrained(source, num_labels=labels, trust_remote_code=m.trust_remote_code, **extra)
-            auto = AutoModelForSequenceClassification
-        with torch.device("meta"):
-            return auto.from_config(mcfg, trust_remote_code=m.trust_remote_code)
-    except OSError as exc:
-        raise ShardtuneError(
-            f"could not read the config of model {m.name_or_path!r} ({type(exc).__name__}); "
-            "point model.name_or_path at a local folder or a packaged model."
-        ) from None
-
-
-def _decoder_layers(model, layers: int):
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
-            return module
-    raise ShardtuneError(f"cannot find the {layers} layers of {type(model).__name__}; the planner knows Llama- and BERT-like models.")
-
-
-def model_shape(cfg: Config) -> Shape:
-    """Count Ψ and read the dimensions from the model the config builds, on the meta device."""
-    model = _meta_model(cfg)
-    c = model.config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    layer = _decoder_layers(model, c.num_hidden_layers)[0]
-    drop = [getattr(c, k, 0) or 0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout")]
-    return Shape(
-        name=type(model).__name__,
-        num_params=sum(p.numel() for p in model.parameters()),
-        layers=c.num_hidden_layers,
-        hidden=c.hidden_size,
-        heads=heads,
-        kv_dim=(getattr(c, "num_key_value_heads", None) or heads) * head_dim,
-        ffn=c.intermediate_size,
-        gated=any("gate" in n for n, _ in layer.named_parameters()),
-        dropout=any(float(x) > 0 for x in drop),
-        eager=getattr(c, "_attn_implementation", None) == "eager",
-        vocab=c.vocab_size if TASK_SPECS[cfg.task].causal else 0,
-        layer_params=sum(p.numel() for p in layer.parameters()),
-        seq_len=TASK_SPECS[cfg.task].seq_len_of(cfg),
-    )
-
-
-# ---------------------------------------------------------------- activations and buffers
-
-
-def activation_bytes(shape: Shape, micro_batch: int, p: int, checkpointing: bool) -> float:
-    """Peak activation bytes per GPU for one micro-batch (formula in the module docstring)."""
-    s, b, h, d = shape.seq_len, micro_batch, shape.hidden, int(shape.dropout)
-    attention = p * (3 * h + 2 * shape.kv_dim) + d * h
-    mlp = p * h + 4 * p * shape.ffn if shape.gated else p * h + 2 * p * shape.ffn + d * h
-    layer = s * b * (attention + mlp + 2 * p * h)
-    if shape.eager:
-        layer += shape.heads * s * s * b * (p + d * (1 + p))
-    top = 2 * p * s * b * h  # final norm and head inputs
-    logits = s * b * shape.vocab * (p + 12)
-    stored = shape.layers * p * s * b * h + layer if checkpointing else shape.layers * layer
-    return stored + top + logits
-
-
-def buffer_bytes(shape: Shape, strategy: str, world: int, p: int) -> float:
-    """Transient communication / gather buffers per GPU (module docstring)."""
-    psi = shape.num_params
-    if strategy == "ddp":
-        return 4.0 * psi if world > 1 else 0.0
-    if strategy in ("zero1", "zero2"):
-        return DS_REDUCE_BUCKET * p
-    if strategy in ("zero3", "zero3_offload"):
-        return (min(psi, DS_MAX_LIVE_PARAMETERS) + DS_REDUCE_BUCKET) * p
-    root = psi - shape.layers * shape.layer_params  # fsdp: embeddings, head, final norm stay one unit
-    return (root + 2 * shape.layer_params) * p + (root + shape.layer_params) * 4.0
-
+from shardtune.plan_memory import (  # noqa: F401  (re-exported: the memory arithmetic's home is plan_memory)
+    DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, GiB, RESERVE_BYTES, RESERVE_FRACTION, SPEED_ORDER, Shape, activation_bytes, buffer_bytes,
+    mesh_state_bytes, model_shape, model_state_bytes, parse_memory,
+)
 
 # ---------------------------------------------------------------- the plan
 
@@ -259,13 +115,17 @@ class Plan:
     rows: tuple[Row, ...]
     best: Optional[str]  # fastest strategy that fits (single_gpu when there is one GPU)
     verdict: str
+    cluster: Optional[Cluster] = None
+    meshes: tuple[MeshRow, ...] = ()  # fastest first
+    mesh: Optional[Mesh] = None  # the mesh of `best`
+    grad_accum: int = 1
 
     @property
     def world(self) -> int:
         return self.gpus * self.nodes
 
     def table(self) -> str:
-        """The plan as text: a header, one row per strategy (GiB per GPU), the verdict."""
+        """The plan as text: a header, one row per strategy (GiB per GPU), one per mesh (predicted time), the verdict."""
         sh, gib = self.shape, lambda x: f"{x / GiB:.2f}"
         ckpt = "on" if self.checkpointing else "off"
         head = [
@@ -280,9 +140,8 @@ class Plan:
              gib(r.total), "yes" if r.fits else "no", str(r.max_micro_batch), gib(r.host) if r.host else "-"]
             for r in self.rows
         ]
-        widths = [max(len(x) for x in col) for col in zip(cols, *body)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([*head, "", fmt(cols), *(fmt(r) for r in body), "", self.verdict])
+        meshes = mesh_table(self.meshes, self.cluster, self.micro_batch * self.grad_accum * self.world, sh.seq_len) if self.meshes else []
+        return "\n".join([*head, "", *columns(cols, body), *meshes, "", self.verdict])
 
 
 def usable_bytes(gpu_memory: int) -> float:
@@ -313,8 +172,13 @@ def _name(strategy: str, world: int) -> str:
     return "single_gpu" if strategy == "ddp" and world == 1 else strategy
 
 
-def plan(cfg: Config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, shape: Optional[Shape] = None) -> Plan:
-    """One row per strategy for `gpus` GPUs per node x `nodes`, each with `gpu_memory_bytes`."""
+def plan(cfg: Config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, shape: Optional[Shape] = None,
+         cluster: Optional[Cluster] = None, launchable: bool = False) -> Plan:
+    """One row per strategy, and one per layout (strategy and mesh) with its predicted step, for `gpus` x `nodes` GPUs.
+
+    `best` is the fastest layout that fits (plan_time.fastest); with `launchable` only among those the config runs as
+    it stands (its `dist.mesh`, else one data-parallel axis), as `strategy: auto` at launch cannot change the mesh.
+    """
     if gpus < 1 or nodes < 1:
         raise ShardtuneError(
             f"plan needs at least one GPU on at least one node, got --gpus {gpus} --nodes {nodes}; "
@@ -326,16 +190,52 @@ def plan(cfg: Config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, shape: O
     b, ckpt = cfg.train.batch_size, cfg.model.gradient_checkpointing
     world, usable = gpus * nodes, usable_bytes(gpu_memory_bytes)
     rows = _rows(shape, world, usable, mp, b, ckpt)
-    fit = next((r for r in rows if r.fits), None)
-    if fit is not None:
-        best = _name(fit.strategy, world)
-        verdict = (
-            f"fastest strategy that fits: {best} ({fit.total / GiB:.1f} of {usable / GiB:.1f} usable GiB per GPU at micro-batch {b}; "
-            f"micro-batches up to {fit.max_micro_batch} fit)."
-        )
+    cluster = cluster or Cluster(GPUS["h100"], gpus, nodes)
+    mesh_cfg = getattr(cfg.dist, "mesh", None)
+    own = None if mesh_cfg is None or mesh_cfg.is_default else resolve(mesh_cfg, world, "fsdp", gpus)
+    meshes = mesh_rows(shape, cluster, usable, mp, b, cfg.train.grad_accum, ckpt, rows, own)
+    pool = tuple(r for r in meshes if (r.layout == Layout("fsdp", own) if own else r.layout.mesh.one_axis)) if launchable else meshes
+    choice = fastest(pool)
+    if choice is not None:
+        best, mesh, verdict = _name(choice.layout.strategy, world), choice.layout.mesh, why(choice, pool, usable)
+        top = fastest(meshes)
+        if launchable and top.speed > choice.speed * (1 + TIE):
+            verdict = verdict[:-1] + f"; {top.layout.describe()} would be {top.speed / choice.speed - 1:.0%} faster: set {overrides(top.layout)}."
+    elif (fit := next((r for r in rows if r.fits), None)) is not None:
+        best, mesh = _name(fit.strategy, world), Mesh(dp_shard=world)
+        verdict = (f"fastest strategy that fits: {best} ({fit.total / GiB:.1f} of {usable / GiB:.1f} usable GiB per GPU at micro-batch "
+                   f"{b}; micro-batches up to {fit.max_micro_batch} fit); " + ("no step time in fp32." if mp == "no" else "no timed layout fits."))
     else:
-        best, verdict = None, _remedies(shape, rows, world, usable, mp, b, ckpt)
-    return Plan(shape, mp, b, ckpt, gpus, nodes, gpu_memory_bytes, usable, rows, best, verdict)
+        best, mesh, verdict = None, None, _remedies(shape, rows, world, usable, mp, b, ckpt)
+    return Plan(shape, mp, b, ckpt, gpus, nodes, gpu_memory_bytes, usable, rows, best, verdict, cluster, meshes, mesh, cfg.train.grad_accum)
+
+
+# ---------------------------------------------------------------- layouts: memory per mesh, predicted step
+
+
+def mesh_memory(shape: Shape, layout: Layout, rows: tuple[Row, ...], p: int, b: int, ckpt: bool) -> float:
+    """Bytes per GPU (module docstring, "Meshes")."""
+    if layout.strategy != "fsdp":
+        return next(r.total for r in rows if r.strategy == layout.strategy)
+    m = layout.mesh
+    states = sum(mesh_state_bytes(shape, m).values())
+    return states + buffer_bytes(shape, "fsdp", m.world, p) / m.tp + b * activation_bytes(shape, 1, p, ckpt) / (m.tp * m.seq)
+
+
+def mesh_rows(shape: Shape, cluster: Cluster, usable: float, mp: str, b: int, grad_accum: int, ckpt: bool,
+              rows: tuple[Row, ...], own: Optional[Mesh] = None) -> tuple[MeshRow, ...]:
+    """Every layout (and the config's own mesh) with its memory and predicted step, fastest first."""
+    head_dim = shape.hidden // shape.heads
+    found = layouts(cluster.world, cluster.gpus_per_node, shape.heads, max(1, shape.kv_dim // head_dim), shape.seq_len, shape.vocab > 0)
+    out = []
+    for layout in found + ([Layout("fsdp", own)] if own and Layout("fsdp", own) not in found else []):
+        memory = mesh_memory(shape, layout, rows, 4 if mp == "no" else 2, b, ckpt)
+        k = layout.mesh.tp * layout.mesh.seq  # the same global batch: k times the micro-batches, each split k ways
+        work = Work(shape.num_params, shape.flops_params or shape.num_params, shape.layers, shape.hidden, shape.heads,
+                    head_dim, shape.kv_dim, shape.seq_len, b, grad_accum * k, 1.0 if ckpt else 0.0)
+        estimate = step_time(work, layout, cluster) if mp in ("bf16", "fp16") else None
+        out.append(MeshRow(layout, memory, memory <= usable, estimate))
+    return tuple(sorted(out, key=lambda r: -r.speed))
 
 
 def _remedies(shape: Shape, rows, world: int, usable: float, mp: str, b: int, ckpt: bool) -> str:
@@ -371,9 +271,10 @@ def _remedies(shape: Shape, rows, world: int, usable: float, mp: str, b: int, ck
     return "; ".join([head, todo, *notes]) + "."
 
 
-def choose_strategy(cfg: Config, gpus: int, gpu_memory: int, nodes: int = 1, shape: Optional[Shape] = None) -> tuple[str, str]:
-    """(fastest strategy that fits, the verdict sentence); ShardtuneError with the remedies when nothing fits."""
-    p = plan(cfg, gpus, gpu_memory, nodes, shape)
+def choose_strategy(cfg: Config, gpus: int, gpu_memory: int, nodes: int = 1, shape: Optional[Shape] = None,
+                    cluster: Optional[Cluster] = None, launchable: bool = False) -> tuple[str, str, Mesh]:
+    """(fastest strategy that fits, the one-line reason, its mesh); ShardtuneError with the remedies when nothing fits."""
+    p = plan(cfg, gpus, gpu_memory, nodes, shape, cluster, launchable)
     if p.best is None:
         raise ShardtuneError(p.verdict[0].upper() + p.verdict[1:])
-    return p.best, p.verdict
+    return p.best, p.verdict, p.mesh

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from shardtune import ShardtuneError
 from shardtune.checkpoint import CKPT_DIR, find_checkpoint, read_state
-from shardtune.config import Config
+from shardtune.config import Config, MeshConfig
 from shardtune.distributed import rng
 from shardtune.state import RunState
 from shardtune.tracking import redact
@@ -39,7 +39,8 @@ def resume(trainer: "Trainer", ckpt: Path) -> RunState:
     s.barrier()
     if s.is_main:
         shutil.rmtree(scratch, ignore_errors=True)
-    same_layout = saved.world_size == s.world and saved.strategy == s.name
+    saved_mesh = saved.config.get("dist", {}).get("mesh", MeshConfig().model_dump())  # older checkpoints: one axis
+    same_layout = saved.world_size == s.world and saved.strategy == s.name and saved_mesh == cfg.dist.mesh.model_dump()
     if same_layout or s.rank < saved.world_size:
         rng.load(ckpt, s.rank)
     trainer.scheduler.load_state_dict(saved.scheduler)
@@ -48,11 +49,16 @@ def resume(trainer: "Trainer", ckpt: Path) -> RunState:
     if not same_layout and s.is_main:
         kept = lost or "model, optimizer state, LR schedule and data position are kept"
         fresh = "; the RNG states of the ranks it did not have start from the seed" if s.world > saved.world_size else ""
-        warnings.warn(f"{ckpt} was saved by {saved.world_size} process(es) under {saved.strategy}, this run is {s.world} under "
-                      f"{s.name}: {kept}{fresh}.", stacklevel=2)
+        warnings.warn(f"{ckpt} was saved by {saved.world_size} process(es) under {saved.strategy}{_mesh(saved_mesh)}, this run is "
+                      f"{s.world} under {s.name}{_mesh(cfg.dist.mesh.model_dump())}: {kept}{fresh}.", stacklevel=2)
     elif lost and s.is_main:
         warnings.warn(lost, stacklevel=2)
     return saved.run
+
+
+def _mesh(axes: dict) -> str:
+    named = [f"{k} {v}" for k, v in axes.items() if k in ("dp_replicate", "tp", "sp", "cp") and v != 1]
+    return f" (mesh {' x '.join(named)})" if named else ""
 
 
 def _apply_lr(trainer: "Trainer", saved: dict, changed: dict) -> None:

@@ -140,9 +140,10 @@ class Trainer:
     def step(self, micro: list[dict]) -> tuple[Verdict, list[dict] | None, float]:
         """One optimizer step; returns the agreement, the next step's micro-batches and the LR it used."""
         s, task, clock, step = self.strategy, self.task, self.perf.clock, self.run.step + 1
+        micro = [s.split_batch(b) for b in micro]  # this rank's share of each sequence (the mesh's sp axis)
         sizes = [task.sizes(b) for b in micro]
         # the step's label count over all micro-batches and ranks: each loss sum / it is a share of the global mean
-        total = s.all_reduce_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)).clamp(min=1)
+        total = s.data_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)).clamp(min=1)
         t0 = clock.now()
         for i, (batch, size) in enumerate(zip(micro, sizes)):
             with s.micro_batch(last=i == len(micro) - 1):
@@ -233,7 +234,7 @@ class Trainer:
         self.perf.settle(self.window, self.run)
         s, config = self.strategy, redact(self.cfg.to_dict())
         state = TrainerState(run=copy.deepcopy(self.run), world_size=s.world, strategy=s.name, scheduler=self.scheduler.state_dict(),
-                             data=s.gather_objects(self.task.state_dict(self.data_position)), labels=self.task.labels, config=config)
+                             data=s.per_slot(s.gather_objects(self.task.state_dict(self.data_position))), labels=self.task.labels, config=config)
         self.pending = begin_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step,
                                         asynchronous=asynchronous)
         if not asynchronous:
@@ -299,7 +300,8 @@ class Trainer:
                 export_model(s, task.tokenizer, task.labels, model_dir)
         result = {"train/steps": run.step, "train/runtime_s": time.perf_counter() - started,
                   "train/samples": run.samples, "train/tokens": run.tokens,
-                  **{f"dist/{k}": v for k, v in bytes_per_rank.items()}, "dist/strategy": s.name, "dist/num_processes": s.world}
+                  **{f"dist/{k}": v for k, v in bytes_per_rank.items()}, "dist/strategy": s.name, "dist/num_processes": s.world,
+                  "dist/mesh": s.mesh.describe() if s.mesh else f"dp {s.world}"}
         if run.best_value is not None:
             result.update({"best/step": run.best_step, f"best/{run.best_metric}": run.best_value})
         if task.has_split("test"):

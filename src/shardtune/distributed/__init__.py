@@ -64,10 +64,10 @@ def checkpoint_weights(ckpt) -> dict[str, torch.Tensor]:
     """The whole model's weights from a checkpoint folder of any strategy, in one process (export, resume elsewhere)."""
     from pathlib import Path
 
-    from shardtune.distributed import dcp, zero
+    from shardtune.distributed import dcp, zero_files
 
-    if (Path(ckpt) / zero.FOLDER).is_dir():
-        return zero.consolidated_weights(ckpt)
+    if (Path(ckpt) / zero_files.FOLDER).is_dir():
+        return zero_files.consolidated_weights(ckpt)
     if dcp.has(ckpt):
         return dcp.read_model(ckpt)
     raise ShardtuneError(f"{ckpt} holds no model weights (dcp/ or zero/); pass a checkpoint folder written by shardtune train.")
@@ -98,12 +98,22 @@ def build_strategy(cfg: Config) -> Strategy:
     return strategy
 
 
+def check_launch(cfg: Config, name: str, world: int, cuda: bool, per_node: int | None = None) -> None:
+    """What every rank would refuse before building anything, said once by the launching process (no model needed)."""
+    from shardtune.mesh import resolve
+
+    if name in ("single_gpu", "ddp") and not cuda:
+        raise ShardtuneError(f"strategy {name} needs CUDA GPUs; on CPU use cpu (DDP over gloo), zero1/2/3, zero3_offload or fsdp.")
+    if cfg.train.mixed_precision == "fp16" and not cuda:
+        raise ShardtuneError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling is GPU-only); use bf16 or no on CPU.")
+    if name == "fsdp" and cfg.train.mixed_precision == "fp16":
+        raise ShardtuneError("strategy fsdp runs bf16 or fp32 (it has no fp16 grad scaler); set train.mixed_precision=bf16 or no.")
+    resolve(cfg.dist.mesh, world, name, per_node if cuda else None)
+
+
 def _build(cfg: Config) -> Strategy:
     name = resolve_name(cfg)
-    if name in ("single_gpu", "ddp") and not torch.cuda.is_available():
-        raise ShardtuneError(f"strategy {name} needs CUDA GPUs; on CPU use cpu (DDP over gloo), zero1/2/3, zero3_offload or fsdp.")
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ShardtuneError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling is GPU-only); use bf16 or no on CPU.")
+    check_launch(cfg, name, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
     if name in ZERO:
         from shardtune.distributed.zero import ZeroStrategy
 

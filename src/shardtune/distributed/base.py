@@ -26,6 +26,7 @@ import torch
 
 from shardtune.config import Config
 from shardtune.distributed import comm, dcp
+from shardtune.distributed.zero_files import consolidated_weights
 from shardtune.optim import build_optimizer
 
 
@@ -62,11 +63,47 @@ class Strategy(abc.ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # The mesh (mesh.Mesh): one data-parallel axis unless the strategy builds more (fsdp.FSDPStrategy).
+    mesh = None
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel ranks: the data slots (every rank of one tp/sp group reads the same batch)."""
+        return self.mesh.dp if self.mesh else self.world
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank(self.rank) if self.mesh else self.rank
+
+    @property
+    def seq_world(self) -> int:
+        """Ranks that split each sequence (sp); the task gives each its share (`split_batch`)."""
+        return self.mesh.seq if self.mesh else 1
+
+    def split_batch(self, batch: dict) -> dict:
+        """This rank's share of a micro-batch along the mesh's sequence axis (the whole batch without one)."""
+        return batch
+
+    def per_slot(self, every_rank: list) -> list:
+        """Per-rank values (in rank order) -> one per data slot, in slot order: the first rank of each slot's group."""
+        if not self.mesh:
+            return every_rank
+        first = {}
+        for r, value in enumerate(every_rank):
+            first.setdefault(self.mesh.dp_rank(r), value)
+        return [first[slot] for slot in range(self.mesh.dp)]
+
     device: torch.device
     mixed_precision: str
 
     # -------------------------------------------------------------- collectives (the same for every backend)
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank (agreement flags); sums of tokens, losses and metrics go through `data_sum`."""
+        return comm.all_reduce_sum(t)
+
+    def data_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks whose tokens differ (data-parallel x sequence-parallel): a tp group's ranks hold the same
+        batch and count it once."""
         return comm.all_reduce_sum(t)
 
     def gather_objects(self, obj) -> list:
@@ -311,8 +348,6 @@ def load_into_dcp_strategy(strategy: Strategy, ckpt: Path, saved_strategy: str) 
     if dcp.has(ckpt):
         dcp.load(strategy.model, strategy._torch_optimizer(), ckpt)
         return None
-    from shardtune.distributed.zero import consolidated_weights
-
     strategy.load_full_state_dict(lambda: consolidated_weights(ckpt))
     return (f"{strategy.name} cannot load the optimizer state of a DeepSpeed ({saved_strategy}) checkpoint: "
             "the model weights are kept, the optimizer state starts fresh")

@@ -33,6 +33,26 @@ def ensure_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def alone_of_many() -> str | None:
+    """One sentence when `accelerate launch` meant several processes but started this one alone.
+
+    It spawns processes (torchrun: RANK, WORLD_SIZE) only for MULTI_GPU, FSDP and DEEPSPEED configs or with
+    --multi_gpu; for MULTI_CPU (or NO) with more processes and no mpirun hostfile it starts ONE, marked by
+    ACCELERATE_USE_CPU (set by that launcher alone) and the MASTER_PORT it sets for the others. Under mpirun
+    (the MPI world size is set) Accelerate forms the process group from MPI's ranks: not this case.
+    """
+    if launched() or any(os.environ.get(name, "1") not in ("", "0", "1") for name in MPI_WORLD_SIZES):
+        return None
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_PORT" in os.environ:
+        return ("accelerate launch meant several processes but started only this one (for distributed_type MULTI_CPU or NO "
+                "it spawns none); run `shardtune launch CONFIG`, or `accelerate launch` with this checkout's launch/cpu.yaml "
+                "(it spawns them) or with --multi_gpu.")
+    return None
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

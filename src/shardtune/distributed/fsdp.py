@@ -12,6 +12,11 @@ the process group is torch's own.
 - Gradients are reduce-scattered (averaged over ranks) in every micro-batch's backward; clipping gives
   a DTensor norm, turned into a plain tensor.
 - Checkpoints: DCP (distributed/dcp.py), resharded on load, interchangeable with DDP's.
+- The mesh (`dist.mesh`, mesh.py; distributed/parallel.py): FSDP2 shards over the data-parallel axes (with
+  dp_replicate > 1 a 2-D mesh: HSDP, sharded within a replica and all-reduced across), after tensor
+  parallelism (`parallelize_module`) split each block's matmuls over the tp axis and, with sp, DeepSpeed's
+  Ulysses attention splits sequences. Gradients are averaged over the ranks whose tokens differ (dp x sp),
+  so `backward` scales by their number, and sums of tokens and metrics run over them only (`data_sum`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 from shardtune import ShardtuneError
-from shardtune.config import Config
-from shardtune.distributed import comm, dcp
+from shardtune.config import LM_TASKS, TASK_SPECS, Config
+from shardtune.mesh import check_model, resolve
+from shardtune.distributed import comm, dcp, parallel
 from shardtune.distributed.base import Strategy, load_into_dcp_strategy, read_on_main
 from shardtune.optim import build_optimizer
 
@@ -62,6 +68,9 @@ class FSDPStrategy(Strategy):
             raise ShardtuneError("strategy fsdp runs bf16 or fp32 (it has no fp16 grad scaler); set train.mixed_precision=bf16 or no.")
         self.mixed_precision = cfg.train.mixed_precision
         self.device = _init_process_group(cfg)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.mesh = resolve(cfg.dist.mesh, self.world, name, per_node if torch.cuda.is_available() else None)
+        self.meshes = parallel.build_device_mesh(self.mesh, self.device.type)
 
     def _policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -71,30 +80,55 @@ class FSDPStrategy(Strategy):
         return MixedPrecisionPolicy()
 
     def prepare(self, model: torch.nn.Module) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
+        self._check(model)
         model.to(self.device)
-        mesh = init_device_mesh(self.device.type, (self.world,))
-        policy, blocks = self._policy(), block_classes(model)
+        if self.meshes.tp is not None:
+            parallel.apply_tensor_parallel(model, self.meshes.tp)
+        if self.mesh.sp > 1:
+            parallel.apply_sequence_parallel(model, self.mesh, self.meshes.sp_group)
+        blocks = block_classes(model)
         for module in list(model.modules()):
             if type(module).__name__ in blocks:
                 if self.cfg.model.compile:
                     module.compile()
-                fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+                self._shard(module)
+        self._shard(model)
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.optim)  # over the sharded DTensor parameters
+
+    def _check(self, model: torch.nn.Module) -> None:
+        """The mesh against this model and task, in one sentence (before anything is split)."""
+        c, cfg = model.config, self.cfg
+        heads = getattr(c, "num_attention_heads", 1)
+        check_model(self.mesh, heads, getattr(c, "num_key_value_heads", None) or heads, TASK_SPECS[cfg.task].seq_len_of(cfg), cfg.task in LM_TASKS)
+        if self.mesh.seq > 1 and cfg.train.eval_prompts:
+            raise ShardtuneError("train.eval_prompts are generated one prompt per rank, which dist.mesh.sp cannot split; drop them for this run.")
+
+    def _shard(self, module: torch.nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(module, mesh=self.meshes.fsdp, mp_policy=self._policy(), reshard_after_forward=True)
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model
 
+    def data_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.meshes.batch_group is None:
+            return comm.all_reduce_sum(t)
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.meshes.batch_group)
+        return out
+
+    def split_batch(self, batch: dict) -> dict:
+        if self.mesh.seq == 1:
+            return batch
+        return parallel.split_sequence(batch, self.mesh.seq_rank(self.rank), self.mesh.seq)
+
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.world).backward()  # FSDP2 averages the reduce-scattered gradients over ranks
+        (loss * self.mesh.batch).backward()  # FSDP2 averages the reduce-scattered gradients over the dp x sp ranks
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return parallel.grad_norm_and_clip(list(self.model.parameters()), max_norm or math.inf)
 
     def optimizer_step(self, skip: bool) -> bool:
         if not skip:

@@ -26,9 +26,9 @@ from shardtune import ShardtuneError
 from shardtune.config import Config
 from shardtune.distributed import comm, dcp
 from shardtune.distributed.base import Strategy, misfit, process_group_kwargs, read_on_main
+from shardtune.distributed.zero_files import FOLDER, TAG, to_universal
 from shardtune.optim import build_optimizer
 
-FOLDER, TAG = "zero", "state"
 
 
 def deepspeed_config_path(name: str) -> str:
@@ -237,26 +237,3 @@ def _checked(strategy: Strategy, state: dict, partial: bool) -> dict:
 
 def _zero_local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p
-
-
-def to_universal(folder: Path, out: Path) -> None:
-    """DeepSpeed's ds_to_universal, in this process (one worker: it forks otherwise)."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    tmp = out.with_name(out.name + ".tmp")
-    args = argparse.Namespace(
-        input_folder=str(folder / TAG), output_folder=str(tmp / TAG), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,
-    )
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):  # progress bars
-        ds_to_universal(args)
-    os.replace(tmp, out)
-
-
-def consolidated_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights from a ZeRO checkpoint, in one process (DeepSpeed's own consolidation)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt) / FOLDER), tag=TAG)

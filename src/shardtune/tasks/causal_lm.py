@@ -27,13 +27,16 @@ def _inputs(batch: dict) -> dict:
 def next_token_loss(model, batch: dict, z_loss: float = 0.0, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross entropy over the label tokens (+ z-loss, PaLM: z_loss x logsumexp^2 per token), count).
     With `head` (losses.ChunkedLMHead) the loss is computed inside the head's forward, in chunks: the batch's logits
-    never exist whole; without, from the model's full logits."""
+    never exist whole; without, from the model's full logits. A sequence-parallel chunk carries `shift_labels`
+    (each position's own target, shifted on the whole sequence) instead of `labels`."""
+    shifted = "shift_labels" in batch
+    labels = batch["shift_labels"] if shifted else batch["labels"]
     if head is not None:
-        with head.loss_for(batch["labels"], z_loss=z_loss) as lm:
+        with head.loss_for(labels, z_loss=z_loss, shifted=shifted) as lm:
             out = model(**_inputs(batch), use_cache=False)
         return lm.result(out)
-    logits = model(**_inputs(batch), use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    logits = model(**_inputs(batch), use_cache=False).logits.float()
+    logits, labels = (logits, labels) if shifted else (logits[:, :-1], labels[:, 1:])
     total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     if z_loss:
         total = total + z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * (labels != IGNORE)).sum()
@@ -44,12 +47,13 @@ class CausalLMTask:
     spec: ClassVar = TASK_SPECS["causal_lm"]
 
     def __init__(self, cfg: Config, strategy, tokenizer):
-        from shardtune.models import load_causal_lm
+        from shardtune.models import check_positions, load_causal_lm
 
         if not cfg.train.max_steps:
             raise ShardtuneError(f"{cfg.task} reads a stream of unknown length; set train.max_steps.")
         self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
         self.model = load_causal_lm(cfg.model, tokenizer)
+        check_positions(self.model, cfg)
         self.head = None
         if cfg.model.chunked_loss:  # before the strategy wraps the model: its hooks must see the new head
             from shardtune.losses import install_chunked_head
@@ -74,7 +78,7 @@ class CausalLMTask:
 
         s, t = self.strategy, self.cfg.train
         return StreamLoader(
-            self.cfg.data, self.tokenizer, split=split, rank=s.rank, world_size=s.world, num_workers=self.cfg.data.num_workers,
+            self.cfg.data, self.tokenizer, split=split, rank=s.dp_rank, world_size=s.dp_world, num_workers=self.cfg.data.num_workers,
             batch_size=t.batch_size if split == "train" else t.eval_batch_size, state=state, sync=sync,
         )
 
@@ -85,9 +89,11 @@ class CausalLMTask:
             yield {k: v.to(self.strategy.device) for k, v in batch.items()}
 
     def sizes(self, batch: dict) -> Sizes:
-        labelled = batch["labels"][:, 1:] != IGNORE
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else (batch["labels"] != IGNORE).sum()
-        return Sizes(weight=labelled.sum(), samples=labelled.any(-1).sum(), tokens=tokens)
+        chunk = "shift_labels" in batch  # a sequence-parallel chunk (distributed/parallel.split_sequence): labels shifted
+        labelled = batch["shift_labels"] != IGNORE if chunk else batch["labels"][:, 1:] != IGNORE
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else (batch["shift_labels" if chunk else "labels"] != IGNORE).sum()
+        samples = batch["samples"] if chunk else labelled.any(-1).sum()  # a chunk's rows are counted by its group's first rank
+        return Sizes(weight=labelled.sum(), samples=samples, tokens=tokens)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return next_token_loss(model, batch, self.cfg.train.z_loss, self.head)
@@ -135,11 +141,11 @@ class CausalLMTask:
         for i, batch in enumerate(self._loader("validation", sync=sync)):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
-            batch = {k: v.to(s.device) for k, v in batch.items() if k != "doc_ids"}
+            batch = s.split_batch({k: v.to(s.device) for k, v in batch.items() if k != "doc_ids"})
             total, count = next_token_loss(model, batch, head=self.head)  # an all-padding batch (a rank that ran out) counts nothing
             sums += torch.stack([total.double(), count.double()])
         model.train(was)
-        loss_sum, count = s.all_reduce_sum(sums).tolist()
+        loss_sum, count = s.data_sum(sums).tolist()
         loss = loss_sum / max(count, 1)
         return {f"{split}/loss": loss, f"{split}/perplexity": math.exp(min(loss, 50)), f"{split}/tokens": count}
 

@@ -38,25 +38,26 @@ class ClassificationTask(EpochPosition):
     data_name: ClassVar = "classification"
 
     def __init__(self, cfg: Config, strategy, tokenizer):
-        from shardtune.models import load_classifier
+        from shardtune.models import check_positions, load_classifier
 
         self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
         self.splits = load_splits(cfg.data)
         self.labels = self.splits.labels
         label2id = {lab: i for i, lab in enumerate(self.labels)}
         self.model = load_classifier(cfg.model, self.labels)
+        check_positions(self.model, cfg)
         encode = lambda exs: Encoded(exs, tokenizer, label2id, cfg.model.max_length)  # noqa: E731
         self.train_set = Padded(encode(self.splits.train).features, ignore=IGNORE)
         self.eval_sets = {split: Padded(encode(exs).features, ignore=IGNORE)
                           for split, exs in [("eval", self.splits.validation), ("test", self.splits.test)] if exs}
         t = cfg.train
-        step_size = t.batch_size * strategy.world * t.grad_accum
+        step_size = t.batch_size * strategy.dp_world * t.grad_accum
         order = seeded_order(len(self.train_set), t.seed)
         if cfg.data.group_by_length:  # steps of similar lengths: dynamic padding then pads little (data/grouping.py)
             lengths = [len(f["input_ids"]) for f in self.train_set.features]
             order = lambda epoch: length_grouped_order(lengths, step_size, t.seed, epoch)  # noqa: E731
             self.order = GROUPED_ORDER
-        self.steps = StepBatches(len(self.train_set), order, t.batch_size, strategy.world, strategy.rank, t.grad_accum)
+        self.steps = StepBatches(len(self.train_set), order, t.batch_size, strategy.dp_world, strategy.dp_rank, t.grad_accum)
         self._position = {"epoch": 0, "samples": 0}
 
     def describe(self) -> str:
@@ -103,7 +104,7 @@ class ClassificationTask(EpochPosition):
     def evaluate(self, model, split: str) -> dict[str, float]:
         """Loss, accuracy and macro-F1 over the whole split: every rank's share, the padding counted nowhere."""
         data, s = self.eval_sets[split], self.strategy
-        index_lists = shard_eval(len(data), s.world, s.rank, self.cfg.train.eval_batch_size)
+        index_lists = shard_eval(len(data), s.dp_world, s.dp_rank, self.cfg.train.eval_batch_size)
         was = model.training
         model.eval()
         sums = torch.zeros(3 + 3 * len(self.labels), dtype=torch.float64, device=s.device)
@@ -112,5 +113,5 @@ class ClassificationTask(EpochPosition):
             labels = batch.pop("labels")
             sums += classification_sums(model(**batch).logits, labels, len(self.labels))
         model.train(was)
-        total = metrics_from_sums(s.all_reduce_sum(sums).cpu(), len(self.labels))
+        total = metrics_from_sums(s.data_sum(sums).cpu(), len(self.labels))
         return {f"{split}/{k}": v for k, v in total.items()}

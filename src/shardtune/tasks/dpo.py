@@ -102,7 +102,7 @@ class DPOTask(EpochPosition):
     data_name: ClassVar = "DPO"
 
     def __init__(self, cfg: Config, strategy, tokenizer):
-        from shardtune.models import load_causal_lm
+        from shardtune.models import check_positions, load_causal_lm
 
         self.cfg, self.strategy, self.tokenizer, self.labels = cfg, strategy, tokenizer, None
         d = cfg.data
@@ -110,10 +110,11 @@ class DPOTask(EpochPosition):
         pairs = pairs[: d.max_examples] if d.max_examples else pairs
         self.train, self.heldout = self._split(pairs)
         self.model = load_causal_lm(cfg.model, tokenizer)
+        check_positions(self.model, cfg)
         self.reference = None if is_peft(self.model) else self._frozen_copy()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else special_ids_of(tokenizer)
         t = cfg.train
-        self.steps = StepBatches(len(self.train), seeded_order(len(self.train), t.seed), t.batch_size, strategy.world, strategy.rank, t.grad_accum)
+        self.steps = StepBatches(len(self.train), seeded_order(len(self.train), t.seed), t.batch_size, strategy.dp_world, strategy.dp_rank, t.grad_accum)
         self._position = {"epoch": 0, "samples": 0}
         self._sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=strategy.device)
 
@@ -191,7 +192,7 @@ class DPOTask(EpochPosition):
 
     def stats(self) -> dict[str, float]:
         """train/rewards/* over the pairs since the last call, every rank's. Collective."""
-        out, self._sums = self._means(self.strategy.all_reduce_sum(self._sums).tolist(), "train"), torch.zeros_like(self._sums)
+        out, self._sums = self._means(self.strategy.data_sum(self._sums).tolist(), "train"), torch.zeros_like(self._sums)
         return out
 
     def generations(self, model) -> list[list[str]]:
@@ -204,9 +205,9 @@ class DPOTask(EpochPosition):
         was = model.training
         model.eval()
         sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=s.device)
-        for batch in self._loader(self.heldout, shard_eval(len(self.heldout), s.world, s.rank, self.cfg.train.eval_batch_size)):
+        for batch in self._loader(self.heldout, shard_eval(len(self.heldout), s.dp_world, s.dp_rank, self.cfg.train.eval_batch_size)):
             total, terms = self._pair_terms(model, {k: v.to(s.device) for k, v in batch.items()})
             sums += torch.cat([total.reshape(1), terms]).double()
         model.train(was)
-        loss, *rest = s.all_reduce_sum(sums).tolist()
+        loss, *rest = s.data_sum(sums).tolist()
         return {f"{split}/loss": loss / max(rest[-1], 1), **self._means(rest, split)}
