@@ -4,7 +4,7 @@
 # bench/gpu_bench.py, which prints the plans and, last, one table: tokens/s, MFU and peak memory of
 # SmolLM2-135M, the 1B Llama and MiniLM (plain loop: eager / checkpointing / torch.compile), of
 # `shardtune launch --strategy single_gpu|zero2|zero3|fsdp --gpus 1` on the 1B model and of `shardtune
-# train`, each against `shardtune plan`'s memory estimate. Sized to finish in under 8 minutes on one
+# train`, each against `shardtune plan`'s memory estimate and predicted tokens/s (plan_time, this GPU type). Sized to finish in under 8 minutes on one
 # H200 (--budget 420 s for the arms; an arm that fails or times out is a row with its error), after
 # bench/strategy_matrix.py --device gpu (every strategy vs one process over 20 steps, NCCL, bf16; about 3 min).
 #
@@ -78,6 +78,15 @@ EOF
 # the strategy matrix with NCCL and bf16 (bench/strategy_matrix.py: 2 GPUs where there are, else 1 process each);
 # about 3 minutes on one H200; its table comes first, gpu_bench's last
 "$py" bench/strategy_matrix.py --device gpu --steps 20 || echo "gpu.sh: the strategy matrix reported a failure (table above)" >&2
+
+# the device mesh with NCCL and bf16 (issue 22): every mesh's held-out loss against the one-GPU run's, SmolLM2 on the
+# Python docs; it needs 4 GPUs (a 4-rank mesh cannot share GPUs under NCCL), so one lent GPU skips it
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -ge 4 ]; then
+    "$py" bench/mesh_quality.py --model smollm2-135m --gpus 4 --steps 100 || echo "gpu.sh: the mesh check reported a failure (table above)" >&2
+else
+    echo "gpu.sh: $gpus GPU(s): the mesh check (bench/mesh_quality.py --gpus 4) needs 4; skipped" >&2
+fi
 
 out=${OUT:-runs/gpu-bench-$(date +%Y%m%d-%H%M%S)}
 exec "$py" bench/gpu_bench.py --out "$out" "$@"

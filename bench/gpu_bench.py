@@ -175,16 +175,29 @@ def meta_model(root: Path, model: str):
         return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path))
 
 
-def plans(root: Path, gpu_memory: int) -> dict:
-    """{(model, ckpt): Plan} for one GPU; the model's shape is read once per model."""
+def plans(root: Path, gpu_memory: int, gpu_name: str) -> dict:
+    """{(model, ckpt): Plan} for one GPU of this type (memory, and the step time plan_time predicts); the model's
+    shape is read once per model."""
+    from shardtune import ShardtuneError
     from shardtune.plan import model_shape, plan
+    from shardtune.plan_time import GPUS, Cluster, gpu_spec
 
+    try:
+        spec = gpu_spec(gpu_name)
+    except ShardtuneError:
+        spec = GPUS["h100"]  # a GPU the planner has no row for: its step times are an H100's
     out = {}
     for model in MODELS:
         shape = model_shape(load_cfg(root, model))
         for ckpt in (False, True):
-            out[model, ckpt] = plan(load_cfg(root, model, ckpt), 1, gpu_memory, shape=shape)
+            out[model, ckpt] = plan(load_cfg(root, model, ckpt), 1, gpu_memory, shape=shape, cluster=Cluster(spec, 1, 1))
     return out
+
+
+def predicted(plans_: dict, model: str, ckpt: bool) -> float | None:
+    """The planner's tokens/s on this one GPU (plan_time: the same for every strategy without a second rank)."""
+    rows = [r for r in plans_[model, ckpt].meshes if r.estimate]
+    return rows[0].estimate.tokens_per_s_gpu if rows else None
 
 
 def planned(plans_: dict, model: str, strategy: str, ckpt: bool) -> float:
@@ -459,14 +472,14 @@ def _f(x, fmt: str) -> str:
 def table(arms: list[dict], plans_: dict, fpt: dict, peak: float | None) -> str:
     base = {(x["model"], x["variant"]): x.get("tokens_per_s") for x in arms if x["kind"] == "loop"}
     head = ("| model | arm | micro-batch x seq | tokens/s | samples/s | step ms | MFU | vs plain loop | peak alloc GiB "
-            "| peak reserved GiB | nvidia-smi GiB | plan GiB (row) | meas/plan | note |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| peak reserved GiB | nvidia-smi GiB | plan GiB (row) | meas/plan | plan tokens/s | meas/plan tokens/s | note |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in arms:
         _, b, s = MODELS[x["model"]]
         tps = x.get("tokens_per_s")
         mfu = x.get("mfu") if x.get("mfu") is not None else (tps * fpt[x["model"]] / peak if tps and peak else None)
         ref = base.get((x["model"], "eager")) if x["kind"] != "loop" else None
-        plan_gib = planned(plans_, x["model"], x["strategy"], x["ckpt"])
+        plan_gib, pred = planned(plans_, x["model"], x["strategy"], x["ckpt"]), predicted(plans_, x["model"], x["ckpt"])
         alloc = x.get("peak_alloc_gib")
         notes = [x.get("error") or ("" if x.get("status") == "ok" else x.get("status", ""))]
         if x.get("first_step_s") is not None:
@@ -478,7 +491,7 @@ def table(arms: list[dict], plans_: dict, fpt: dict, peak: float | None) -> str:
                  _f(None if mfu is None else 100 * mfu, ".1f%"), _f(tps / ref if tps and ref else None, ".2fx"),
                  _f(alloc, ".2f"), _f(x.get("peak_reserved_gib"), ".2f"), _f(x.get("smi_gib") or None, ".1f"),
                  f"{plan_gib:.2f} ({x['strategy']}{', ckpt' if x['ckpt'] else ''})", _f(alloc / plan_gib if alloc else None, ".2f"),
-                 note.replace("|", "/")]
+                 _f(pred, ",.0f"), _f(tps / pred if tps and pred else None, ".2fx"), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -507,7 +520,7 @@ def main() -> int:
     scratch = tempfile.TemporaryDirectory(prefix="shardtune-gpu-bench-") if a.cpu_check and not a.workdir else None
     root = a.workdir or Path(scratch.name if scratch else tempfile.mkdtemp(prefix="shardtune-gpu-bench-"))
     ws = build_workspace(root, a)
-    plans_ = plans(root, memory)
+    plans_ = plans(root, memory, name)
     fpt = {m: model_flops_per_token(meta_model(root, m), MODELS[m][2]) for m in MODELS}
     peak = peak_flops(name, "bf16")
     print(f"GPU: {name}, {memory / GIB:.1f} GiB, driver {driver}; dense bf16 peak {_f(peak and peak / 1e12, '.0f')} TFLOP/s; "

@@ -5,6 +5,8 @@ matmul's halves in bf16 in another order, Ulysses attends per head group), so eq
 (tests/test_mesh.py) and quality is the bf16 one: every mesh trains the same causal LM on the same stream (the
 Python docs, 40 held-out documents) for the same steps and global batch, and its held-out loss is compared with the
 one-process run's. Each arm is a real `shardtune launch` (accelerate -> torchrun; gloo on CPU, NCCL with --gpus).
+The held-out documents are evaluated whole (no train.eval_batches: it caps batches per process, so a capped eval
+would cover more documents on more ranks).
 
     .venv/bin/python bench/mesh_quality.py                            # tiny Llama from scratch, 4 CPU processes
     .venv/bin/python bench/mesh_quality.py --model smollm2-135m --gpus 4 --steps 200    # the real model, on GPUs
@@ -39,7 +41,7 @@ MESHES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny (a Llama from scratch, SmolLM2's tokenizer) or a model to continue pretraining")
+    p.add_argument("--model", default="tiny", help="tiny (a Llama from scratch, a 2k-token BPE of the docs) or a model to continue pretraining")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--precision", default="bf16", choices=("bf16", "no"))
@@ -48,12 +50,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def docs_tokenizer(work: Path, vocab: int = 2048) -> Path:
+    """A byte-level BPE of `vocab` tokens trained on the Python docs themselves (seconds): the tiny model's vocabulary.
+    SmolLM2's 49k-token head would be most of a tiny model's step, and on a CPU without native bf16 it is emulated."""
+    import glob
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(glob.glob(DOCS, recursive=True))
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = work / "docs-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(out)
+    return out
+
+
 def overrides(a, out: Path, batch: int, workers: int) -> list[str]:
-    model = (["model.init=scratch", "model.preset=tiny", "model.name_or_path=smollm2-135m", "optim.lr=3e-3"] if a.model == "tiny"
+    model = (["model.init=scratch", "model.preset=tiny", f"model.name_or_path={a.tokenizer}", "optim.lr=3e-3"] if a.model == "tiny"
              else [f"model.name_or_path={a.model}", "optim.lr=1e-4"])
     return [*model, f"data.sources=[{{path: '{DOCS}', txt_unit: file}}]", "data.holdout=40", f"data.seq_len={a.seq_len}",
             f"data.num_workers={workers}", f"train.batch_size={batch}", f"train.max_steps={a.steps}", "train.log_every=10",
-            f"train.mixed_precision={a.precision}", "train.eval_batches=10", "train.eval_batch_size=8", "optim.weight_decay=0.1",
+            f"train.mixed_precision={a.precision}", "train.eval_batch_size=32", "optim.weight_decay=0.1",
             "optim.warmup_steps=10", "model.dropout=0", "tracking.report_to=[]", f"output.dir={out}"]
 
 
@@ -88,6 +107,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mesh-quality-") as tmp:
+        a.tokenizer = docs_tokenizer(Path(tmp)) if a.model == "tiny" else None
         for name in a.meshes.split(","):
             rows.append(run_arm(a, name, Path(tmp)))
             print(f"{name}: {rows[-1]}", flush=True)

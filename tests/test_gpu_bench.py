@@ -62,14 +62,15 @@ def test_cpu_check_table_is_last_and_has_every_arm(cpu_check):
     rows = lines[-len(ARMS):]
     header = lines[-len(ARMS) - 2]
     assert header.startswith("| model | arm | micro-batch x seq | tokens/s | samples/s | step ms | MFU |")
-    assert "| plan GiB (row) | meas/plan |" in header
+    assert "| plan GiB (row) | meas/plan | plan tokens/s | meas/plan tokens/s |" in header
     totals = _plan_totals(cpu_check)
     for row, (model, arm, strategy, ckpt) in zip(rows, ARMS):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[:2] == [model, arm]
         assert cells[-1] == "not run (--cpu-check)"
-        assert cells[3] == "-" and cells[-2] == "-"  # nothing measured
-        planned = re.fullmatch(r"([\d.]+) \((\w+)(, ckpt)?\)", cells[-3])
+        assert cells[3] == "-" and cells[-2] == "-" and cells[-4] == "-"  # nothing measured
+        assert float(cells[-3].replace(",", "")) > 0  # the planner's tokens/s on this GPU type
+        planned = re.fullmatch(r"([\d.]+) \((\w+)(, ckpt)?\)", cells[-5])
         assert planned and planned.group(2) == strategy and bool(planned.group(3)) == ckpt
         assert float(planned.group(1)) == pytest.approx(totals[model, ckpt][strategy], abs=0.006)
 

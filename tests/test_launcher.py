@@ -140,7 +140,7 @@ def test_zero3_without_deepspeed_installed(monkeypatch, tmp_path):
 
 
 def test_strategy_auto_picks_what_fits(run_cli):
-    from shardtune.cli import auto_strategy
+    from shardtune.launching import auto_strategy
     from shardtune.config import load_config
 
     code, out, _ = run_cli("launch", ROOT / "configs/quickstart.yaml", "--gpus", "0", "--dry-run", "dist.strategy=auto")

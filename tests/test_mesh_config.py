@@ -91,9 +91,30 @@ def test_a_config_error_the_ranks_would_find_is_said_once_before_anything_is_spa
     assert "accelerate" not in proc.stdout  # no command was printed, so none was run
 
 
-def test_launch_mesh_flags_become_the_config_and_are_checked(run_cli):
-    code, out, err = run_cli("launch", QS, "--gpus", "0", "--strategy", "fsdp", "--processes", "4", "--tp", "2", "--dp-replicate", "2", "--dry-run")
+@pytest.mark.parametrize("args,words", [
+    (["--strategy", "cpu", "model.max_length=100000"], ["model.max_length 100000 is more than the 512 positions"]),
+    (["--strategy", "fsdp", "--tp", "2"], ["BertConfig declares no tensor-parallel plan"]),
+])
+def test_what_the_model_cannot_do_is_refused_by_the_launch(run_cli, args, words):
+    """Read from the model built on the meta device, before any rank exists (the ranks would each say it, then
+    torchrun its traceback)."""
+    code, out, err = run_cli("launch", QS, "--gpus", "0", "--processes", "2", "--dry-run", *args)
+    one_sentence(code, err, *words)
+    assert "accelerate" not in out
+
+
+def test_launch_mesh_flags_become_the_config_and_what_the_model_cannot_split_is_refused(run_cli, tiny_lm_tokenizer, lm_corpus, tmp_path):
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text("task: causal_lm\n")
+    over = [f"model.name_or_path={tiny_lm_tokenizer}", "model.init=scratch", "model.preset=tiny", "train.max_steps=2",
+            "data.seq_len=32", f"data.sources=[{{path: {lm_corpus}}}]"]
+    launch = ("launch", cfg, "--gpus", "0", "--strategy", "fsdp", "--dry-run")
+    code, out, err = run_cli(*launch, "--processes", "4", "--tp", "2", "--dp-replicate", "2", *over)
     assert code == 0, err
     assert "dist.mesh.dp_replicate=2 dist.mesh.tp=2 dist.strategy=fsdp" in out
-    code, _, err = run_cli("launch", QS, "--gpus", "0", "--strategy", "fsdp", "--processes", "4", "--tp", "3", "--dry-run")
+    code, _, err = run_cli(*launch, "--processes", "4", "--tp", "3", *over)
     one_sentence(code, err, "does not divide the 4 processes")
+    code, _, err = run_cli(*launch, "--processes", "8", "--tp", "8", *over)
+    one_sentence(code, err, "dist.mesh.tp 8 must divide the model's 4 attention heads")
+    code, _, err = run_cli(*launch, "--processes", "4", "--sp", "2", *over, "data.seq_len=33")
+    one_sentence(code, err, "sequence length 33 must be divisible by 2")

@@ -127,6 +127,21 @@ def check_model(mesh: Mesh, heads: int, kv_heads: int, seq_len: int, causal: boo
                                  f"set data.seq_len to a multiple of {need}.")
 
 
+def check_run(mesh: Mesh, model_config, cfg) -> None:
+    """`check_model` for a transformers config and a run config (config.Config), plus what the run asks of the mesh."""
+    from shardtune.config import LM_TASKS, TASK_SPECS
+
+    plan = getattr(model_config, "base_model_tp_plan", None) or {}
+    if mesh.tp > 1 and not {"colwise", "rowwise"} & set(plan.values()):
+        raise ShardtuneError(f"{type(model_config).__name__} declares no tensor-parallel plan (base_model_tp_plan), so dist.mesh.tp cannot "
+                             "split it; use a Llama-family model, or shard it with dp_shard instead of tp.")
+    heads = getattr(model_config, "num_attention_heads", 1)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    check_model(mesh, heads, kv_heads, TASK_SPECS[cfg.task].seq_len_of(cfg), cfg.task in LM_TASKS)
+    if mesh.seq > 1 and cfg.train.eval_prompts:
+        raise ShardtuneError("train.eval_prompts are generated one prompt per rank, which dist.mesh.sp cannot split; drop them for this run.")
+
+
 def _divisors(a: int, b: int) -> list[int]:
     return [d for d in range(1, min(a, b) + 1) if a % d == 0 and b % d == 0]
 

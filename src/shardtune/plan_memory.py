@@ -69,7 +69,8 @@ class Shape:
     tp_params: int = 0  # parameters in the model's tensor-parallel plan (the blocks' colwise/rowwise Linears)
 
 
-def _meta_model(cfg: Config):
+def meta_model(cfg: Config):
+    """The model the config builds, on the meta device (no weights): its config and parameter shapes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -112,7 +113,7 @@ def model_shape(cfg: Config) -> Shape:
     """Count Ψ and read the dimensions from the model the config builds, on the meta device."""
     from shardtune.flops import non_embedding_params
 
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     c = model.config
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from shardtune import ShardtuneError
-from shardtune.config import LM_TASKS, TASK_SPECS, Config
-from shardtune.mesh import check_model, resolve
+from shardtune.config import Config
+from shardtune.mesh import check_run, resolve
 from shardtune.distributed import comm, dcp, parallel
 from shardtune.distributed.base import Strategy, load_into_dcp_strategy, read_on_main
 from shardtune.optim import build_optimizer
@@ -80,7 +80,7 @@ class FSDPStrategy(Strategy):
         return MixedPrecisionPolicy()
 
     def prepare(self, model: torch.nn.Module) -> None:
-        self._check(model)
+        check_run(self.mesh, model.config, self.cfg)  # the mesh against this model and task (`shardtune launch` checked it too)
         model.to(self.device)
         if self.meshes.tp is not None:
             parallel.apply_tensor_parallel(model, self.meshes.tp)
@@ -95,14 +95,6 @@ class FSDPStrategy(Strategy):
         self._shard(model)
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.optim)  # over the sharded DTensor parameters
-
-    def _check(self, model: torch.nn.Module) -> None:
-        """The mesh against this model and task, in one sentence (before anything is split)."""
-        c, cfg = model.config, self.cfg
-        heads = getattr(c, "num_attention_heads", 1)
-        check_model(self.mesh, heads, getattr(c, "num_key_value_heads", None) or heads, TASK_SPECS[cfg.task].seq_len_of(cfg), cfg.task in LM_TASKS)
-        if self.mesh.seq > 1 and cfg.train.eval_prompts:
-            raise ShardtuneError("train.eval_prompts are generated one prompt per rank, which dist.mesh.sp cannot split; drop them for this run.")
 
     def _shard(self, module: torch.nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard
