@@ -129,6 +129,24 @@ def test_per_rank_bytes_are_what_the_planner_predicts_per_axis(mesh_run, name):
             assert m[f"dist/{key}"][rank] == pytest.approx(want[plan_key], rel=0.01), (name, key, rank)
 
 
+@pytest.mark.parametrize("name", ["hsdp", "fsdp_tp", "sp"])
+def test_export_of_a_mesh_checkpoint_gives_the_live_models_logits(mesh_run, name, tmp_path):
+    """`shardtune export` of the last checkpoint (DCP shards of 2-D DTensors) == RUN/model, which the end of the run
+    wrote from the live sharded model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.export import export_checkpoint
+
+    run = mesh_run(name)
+    export_checkpoint(run / "checkpoints" / f"step-{STEPS:08d}", tmp_path / "hf")
+    live = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, exported.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=x).logits, live(input_ids=x).logits, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("source,target", TRANSITIONS)
 def test_a_checkpoint_resumes_under_another_mesh(reference, mesh_run, lm_yaml, tiny_lm_tokenizer, lm_corpus, tmp_path, source, target):
     """Step 11 of a run under one mesh, resumed under another: DCP reshards model and Adam state; steps 12-22 continue
