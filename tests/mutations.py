@@ -40,8 +40,8 @@ MUTATIONS = [
     Mutation("drop 1/grad_accum (per-micro-batch mean)", "trainer.py",
              "s.backward(loss_sum / total[0])", "s.backward(loss_sum / size.weight.clamp(min=1))", (WEIGHTING,)),
     Mutation("average token counts over ranks", "trainer.py",
-             "total = s.all_reduce_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)).clamp(min=1)",
-             "total = (s.all_reduce_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)) / s.world).clamp(min=1)",
+             "total = s.data_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)).clamp(min=1)",
+             "total = (s.data_sum(torch.stack([z.weight for z in sizes]).sum().float().reshape(1)) / s.world).clamp(min=1)",
              (WEIGHTING,)),
     Mutation("skip the RNG restore on resume", "resume.py", "        rng.load(ckpt, s.rank)", "        pass", (RESUME_EXACT,)),
     Mutation("skip the optimizer restore", "distributed/dcp.py",
@@ -107,7 +107,7 @@ MUTATIONS = [
              "rank=s.dp_rank, world_size=s.dp_world", "rank=s.rank, world_size=s.world",
              ("tests/test_mesh.py::test_every_step_matches_one_process[tp]",)),
     Mutation("sequence chunks lose the target past their last token", "distributed/parallel.py",
-             '"shift_labels": shift_labels(batch["labels"])[:, chunk]', '"shift_labels": shift_labels(batch["labels"][:, chunk])',
+             'targets = shift_labels(batch["labels"])', 'targets = torch.cat([shift_labels(c) for c in batch["labels"].chunk(world, 1)], 1)',
              ("tests/test_mesh.py::test_every_step_matches_one_process[sp]",)),
 ]
 
