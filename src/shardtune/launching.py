@@ -78,7 +78,7 @@ def cmd_launch(args: argparse.Namespace, extra: list[str], command: str) -> int:
         strategy, why, mesh = auto_strategy(cfg, gpus, args.nodes)
         print(f"strategy auto -> {strategy}: {why}", flush=True)  # dist.strategy=S in the command records the choice
         if cfg.dist.mesh.is_default and not mesh.one_axis:  # the chosen mesh travels as overrides, as the strategy does
-            overrides += [f"dist.mesh.{axis}={getattr(mesh, axis)}" for axis in ("dp_replicate", "dp_shard", "tp", "sp") if getattr(mesh, axis) != 1]
+            overrides += [f"dist.mesh.{axis}={getattr(mesh, axis)}" for axis in MESH_FLAGS if getattr(mesh, axis) != 1]
             cfg = load_config(args.config, overrides)
     spec = LaunchSpec(
         config=args.config,

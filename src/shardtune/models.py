@@ -118,10 +118,8 @@ def check_positions(model, cfg: Config) -> None:
     spec = TASK_SPECS[cfg.task]
     length, limit = spec.seq_len_of(cfg), position_limit(model)
     if limit is not None and length > limit and not (spec.causal and cfg.model.init == "scratch"):
-        raise ShardtuneError(
-            f"{spec.seq_len} {length} is more than the {limit} positions {cfg.model.name_or_path} was trained with; "
-            f"set {spec.seq_len} to at most {limit}."
-        )
+        raise ShardtuneError(f"{spec.seq_len} {length} is more than the {limit} positions {cfg.model.name_or_path} was trained "
+                             f"with; set {spec.seq_len} to at most {limit}.")
 
 
 # Llama-architecture sizes for pretraining from scratch (vocab from the tokenizer).
@@ -129,7 +127,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
-    # Llama-3 8B and 70B shapes (vocabulary from the tokenizer); for planning and large-scale runs
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
 }

@@ -63,9 +63,7 @@ class FSDPStrategy(Strategy):
     shards_parameters = True
 
     def __init__(self, cfg: Config, name: str = "fsdp"):
-        super().__init__(cfg, name)
-        if cfg.train.mixed_precision == "fp16":
-            raise ShardtuneError("strategy fsdp runs bf16 or fp32 (it has no fp16 grad scaler); set train.mixed_precision=bf16 or no.")
+        super().__init__(cfg, name)  # distributed.check_launch refused fp16 (no grad scaler here) before building this
         self.mixed_precision = cfg.train.mixed_precision
         self.device = _init_process_group(cfg)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
