@@ -1,9 +1,12 @@
-"""Shared fixtures: offline hub, no W&B key, a tiny BERT built from a config with the packaged tokenizer."""
+"""Shared fixtures: offline hub, no W&B key, a tiny BERT built from a config with the packaged tokenizer, a real S3 server."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,79 @@ def tiny_base(tmp_path_factory, tiny_lm_tokenizer):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- a real S3 server (tests/s3_server.py)
+
+
+@contextmanager
+def _s3_environment(server):
+    """The server's credentials and endpoint in os.environ (a developer's AWS profile and session token out), and no
+    S3 client, listing or size cached from before; everything restored after."""
+    import fsspec
+
+    from shardtune import storage
+
+    names = [*server.env(), "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"]
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ.pop(name, None)
+    os.environ.update(server.env())
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # s3fs reads credentials when an instance is made
+    storage._LISTINGS.clear()
+    storage._SIZES.clear()
+    try:
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One SeaweedFS S3 server for the whole run (skips when the `weed` binary is missing). A test that asks for
+    it (or for `bucket`) runs with its AWS_* variables set, restored after (`_s3_env`)."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
+    server.start()
+    yield server
+    server.kill()  # its data is not needed after the run, and a graceful stop takes seconds (tests/s3_server.py)
+
+
+@pytest.fixture(autouse=True)
+def _s3_env(request):
+    if "s3" not in request.fixturenames:
+        yield
+        return
+    with _s3_environment(request.getfixturevalue("s3")):
+        yield
+
+
+def _bucket_name(request) -> str:
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    return f"{stem}-{uuid.uuid4().hex[:8]}".strip("-")
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    """A fresh, empty bucket on the session's server: "s3://NAME"."""
+    return "s3://" + s3.make_bucket(_bucket_name(request))
+
+
+@pytest.fixture
+def s3_private(tmp_path):
+    """A server of this test's own, to stop, kill or restart; its AWS_* variables are set for the test."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path / "s3-private")
+    server.start()
+    try:
+        with _s3_environment(server):
+            yield server
+    finally:
+        server.kill()

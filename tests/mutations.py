@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS, RESUME = "tests/test_flags.py::", "tests/test_resume.py::"
+FLAGS, RESUME, STORE = "tests/test_flags.py::", "tests/test_resume.py::", "tests/test_object_store.py::"
 RESUME_EXACT = "tests/test_faults.py::test_two_kills_and_a_kill_inside_a_checkpoint_write_resume_bit_for_bit[0]"  # dropout on
 WEIGHTING = FLAGS + "test_a_step_weights_tokens_alike_over_micro_batches_and_ranks"
 
@@ -109,6 +109,16 @@ MUTATIONS = [
     Mutation("sequence chunks lose the target past their last token", "distributed/parallel.py",
              'targets = shift_labels(batch["labels"])', 'targets = torch.cat([shift_labels(c) for c in batch["labels"].chunk(world, 1)], 1)',
              ("tests/test_mesh.py::test_every_step_matches_one_process[sp]",)),
+    Mutation("a checkpoint in the store counts without its seal", "run_store.py",
+             "            if self._is_sealed(name):\n                return name",
+             "            if True:\n                return name",
+             (STORE + "test_a_rank_killed_mid_upload_leaves_no_seal_and_the_rerun_resumes_bit_for_bit",)),
+    Mutation("a fetched checkpoint is loaded without its hashes checked", "run_store.py",
+             'if sha256(path) != entry["sha256"]:', "if False:",
+             (STORE + "test_a_file_replaced_after_sealing_is_refused_before_anything_is_unpickled",)),
+    Mutation("a store error is not retried", "storage.py",
+             "            if time.monotonic() + delay > deadline:", "            if True:",
+             (STORE + "test_the_server_restarted_mid_stream_is_retried_and_the_losses_are_the_uninterrupted_runs",)),
 ]
 
 

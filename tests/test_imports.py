@@ -1,5 +1,6 @@
-"""No file circles in the strategy layer: module A importing B (at the top or lazily inside a function) while B imports
-A. A lazy import hides a circle from Python but not from a reader; DESIGN.md (Style) asks for none."""
+"""No file circles in the strategy layer, the data stage, or between checkpoint and state: module A importing B (at the
+top or lazily inside a function) while B imports A, directly or through others. A lazy import hides a circle from
+Python but not from a reader; DESIGN.md (Style) asks for none."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     return out - {_module(path)}
 
 
-def graph(package: str) -> dict[str, set[str]]:
+def graph(*names: str) -> dict[str, set[str]]:
+    """The imports among the modules `names` name (a package: all of its modules)."""
+    inside = lambda m: any(m == n or m.startswith(n + ".") for n in names)  # noqa: E731
     files = {_module(p): p for p in (SRC / "shardtune").rglob("*.py")}
     edges = {m: _imports(p, set(files)) for m, p in files.items()}
-    return {m: {d for d in deps if d.startswith(package)} for m, deps in edges.items() if m.startswith(package)}
+    return {m: {d for d in deps if inside(d)} for m, deps in edges.items() if inside(m)}
 
 
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -62,3 +65,16 @@ def test_no_file_circle_in_the_strategy_layer():
     edges = graph("shardtune.distributed")
     assert circles(edges) == []
     assert "shardtune.distributed.comm" in edges["shardtune.distributed.fsdp"]  # the graph sees the imports
+
+
+def test_no_file_circle_in_the_data_stage():
+    edges = graph("shardtune.data")
+    assert circles(edges) == []
+    assert "shardtune.data.packed" in edges["shardtune.data.plan"]  # the graph sees the imports
+    assert "shardtune.data.settings" in edges["shardtune.data.stream"]
+
+
+def test_no_file_circle_between_checkpoint_and_state():
+    edges = graph("shardtune.checkpoint", "shardtune.state")
+    assert set(edges) == {"shardtune.checkpoint", "shardtune.state"}
+    assert circles(edges) == []

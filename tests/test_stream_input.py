@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from shardtune import ShardtuneError
+from shardtune import ShardtuneError, storage
 from shardtune.config import SourceSpec
 from shardtune.data import readers
 from shardtune.data.partitions import partition_table, resolve_files
@@ -92,8 +92,8 @@ def test_each_slot_reads_only_its_partitions(tmp_path, tok, monkeypatch):
             read[0] += len(out)
             return out
 
-    real_open = open
-    monkeypatch.setattr(readers, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
+    real_open = storage.open_input
+    monkeypatch.setattr(storage, "open_input", lambda *a, **k: Counting(real_open(*a, **k)))
     cfg = StreamConfig(sources=[{"path": str(tmp_path / "s.jsonl")}], partition_bytes=4096, seq_len=64, emit_doc_ids=True)
     per_slot, docs = [], {}
     ranks = loaders(cfg, tok, 8, 0)

@@ -25,8 +25,10 @@ from typing import Any, Mapping
 
 import yaml
 
-from shardtune import ShardtuneError
+from shardtune import ShardtuneError, storage
 from shardtune.config import Config
+from shardtune.jsonfile import write_json
+from shardtune.state import TrainerState
 from shardtune.tracking import redact
 
 MODEL_DIR = "model"
@@ -56,6 +58,8 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
 def choose_run_dir(cfg: Config, config_name: str) -> Path:
     """The run folder: output.dir; else, inside a Slurm job, runs/<config name>-slurm-<cluster>-<job id>, so that every
     requeue of the job resumes there; else runs/<config name>-<timestamp>. Refuses to clobber a used folder."""
+    if cfg.output.dir and storage.is_url(cfg.output.dir):
+        return _store_run_dir(cfg)
     job = None if cfg.output.dir else slurm_job()
     if cfg.output.dir:
         path = Path(cfg.output.dir).expanduser()
@@ -75,14 +79,14 @@ def choose_run_dir(cfg: Config, config_name: str) -> Path:
     raise ShardtuneError(f"run folder {path} is not empty; choose another output.dir or set output.overwrite=true.")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _store_run_dir(cfg: Config) -> Path:
+    """The local staging folder of a run whose output.dir is an object-store URL; refuses a used URL as a used folder."""
+    from shardtune.run_store import RunStore, staging_for
+
+    store = RunStore(cfg.output.dir)
+    if store.has_run() and not cfg.output.overwrite and not slurm_job() and not (cfg.train.resume != "never" and store.sealed()):
+        raise ShardtuneError(f"run folder {store} is not empty; choose another output.dir or set output.overwrite=true.")
+    return Path(cfg.output.staging).expanduser() if cfg.output.staging else staging_for(cfg.output.dir)
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
@@ -113,15 +117,17 @@ class PendingSave:
     state: Any  # the TrainerState of that step, written at the seal
     keep: int
     best_step: int | None
+    upload: Any = None  # a Future of this rank's seal entries, when the run folder is on object storage (run_store.py)
 
     def done(self) -> bool:
-        return self.files.done()
+        return self.files.done() and (self.upload is None or self.upload.done())
 
 
 def begin_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None,
-                     asynchronous: bool = False) -> PendingSave:
+                     asynchronous: bool = False, store=None) -> PendingSave:
     """Every rank starts writing its part into a temporary folder: model and optimizer (in the background when
-    `asynchronous` and the backend can), and its RNG state. Collective."""
+    `asynchronous` and the backend can), and its RNG state; with a `store` (run_store.RunStore), then uploads
+    them in the upload thread. Collective."""
     from shardtune import failpoints
     from shardtune.distributed import rng
     from shardtune.distributed.base import completed
@@ -130,22 +136,27 @@ def begin_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_
     final, tmp = step_dir(run_dir, step), root / f".tmp-step-{step:08d}"
     if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     strategy.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)  # by every rank: the staging folder of a store-backed run may be node-local
     files = strategy.save_async(tmp) if asynchronous else completed(strategy.save(tmp))
     pending = PendingSave(step, tmp, final, files, rng.save(tmp, strategy.rank), state, keep, best_step)
+    if store is not None:
+        pending.upload = store.upload_later(files, [pending.rng_file], tmp, final.name)
     failpoints.hit("save", strategy.rank, step)
     return pending
 
 
-def seal_checkpoint(strategy, run_dir: Path, pending: PendingSave) -> Path:
+def seal_checkpoint(strategy, run_dir: Path, pending: PendingSave, store=None) -> Path:
     """Once every rank's files are written: each rank fsyncs the files it wrote; the main rank writes the trainer
     state and the manifest, renames the folder into place and moves `latest`; only the newest `keep` checkpoints stay,
-    plus the one at `best_step` (the best eval) when there is one. Collective."""
+    plus the one at `best_step` (the best eval) when there is one. With a `store`, once every rank's upload is done
+    the main rank uploads the rest and the seal, and prunes the store alike. Collective."""
     for path in [*pending.files.result(), pending.rng_file]:  # on disk, not only in the page cache, before the seal
         _fsync(path)
+    entries = _uploaded(strategy, pending) if store is not None else {}
     strategy.barrier()
     root = run_dir / CKPT_DIR
+    error = None
     if strategy.is_main:
         pending.state.write(pending.tmp)
         write_json(pending.tmp / MANIFEST, _files(pending.tmp))
@@ -157,13 +168,41 @@ def seal_checkpoint(strategy, run_dir: Path, pending: PendingSave) -> Path:
         for old in sorted(root.glob("step-*"))[: -pending.keep]:
             if old.name != best:
                 shutil.rmtree(old, ignore_errors=True)
+        if store is not None:
+            error = _store_seal(store, pending.final, entries, pending.keep, best)
+    error = strategy.from_main(error) if store is not None else None
+    if error:
+        raise ShardtuneError(error)
     strategy.barrier()
     return pending.final
 
 
-def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None) -> Path:
+def _uploaded(strategy, pending: PendingSave) -> dict:
+    """Every rank's seal entries, merged (every rank's upload done); an upload error is every rank's. Collective."""
+    try:
+        mine = pending.upload.result()
+    except ShardtuneError as exc:
+        mine = str(exc)
+    everyone = strategy.gather_objects(mine)
+    failed = [e for e in everyone if isinstance(e, str)]
+    if failed:
+        raise ShardtuneError(failed[0])
+    return {k: v for entries in everyone for k, v in entries.items()}
+
+
+def _store_seal(store, final: Path, entries: dict, keep: int, best: str | None) -> str | None:
+    """The main rank's part of sealing in the store; the error's sentence, or None."""
+    try:
+        store.seal(final, final.name, entries)
+        store.prune(keep, best)
+    except ShardtuneError as exc:
+        return str(exc)
+    return None
+
+
+def save_checkpoint(strategy, run_dir: Path, step: int, state, keep: int, best_step: int | None = None, store=None) -> Path:
     """A checkpoint written and sealed now (see begin_checkpoint and seal_checkpoint). Collective."""
-    return seal_checkpoint(strategy, run_dir, begin_checkpoint(strategy, run_dir, step, state, keep, best_step))
+    return seal_checkpoint(strategy, run_dir, begin_checkpoint(strategy, run_dir, step, state, keep, best_step, store=store), store)
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -240,10 +279,45 @@ def find_checkpoint(run_dir: Path, resume: str, before: int | None = None) -> Pa
     return None
 
 
-def read_state(path: Path):
-    """The checkpoint's TrainerState (state.py)."""
-    from shardtune.state import TrainerState
+def resume_point(strategy, cfg: Config, run_dir: Path, store) -> Path | None:
+    """The local checkpoint folder to resume from: found in run_dir, or, from a store (the run's own, or a
+    train.resume URL), the newest sealed one fetched and checked against its seal (run_store.py). Collective."""
+    resume = cfg.train.resume
+    if store is None and not storage.is_url(resume):
+        return strategy.from_main(find_checkpoint(run_dir, resume) if strategy.is_main else None)
+    found = None
+    if strategy.is_main:
+        try:
+            found = str(_fetch_resume(resume, run_dir, store) or "")
+        except ShardtuneError as exc:
+            found = ShardtuneError(str(exc))
+    found = strategy.from_main(found)
+    if isinstance(found, ShardtuneError):
+        raise found
+    if found and not Path(found).is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":  # node-local staging
+        _fetch_resume(resume, run_dir, store)
+    strategy.barrier()
+    return Path(found) if found else None
 
+
+def _fetch_resume(resume: str, run_dir: Path, store) -> Path | None:
+    from shardtune.run_store import RunStore
+
+    if resume == "never":
+        return None
+    if storage.is_url(resume):
+        run_url, _, name = resume.rstrip("/").rpartition(f"/{CKPT_DIR}/")
+        if not (run_url and name.startswith("step-")):
+            raise ShardtuneError(f"train.resume={storage.display(resume)} is not a checkpoint URL; give RUN_URL/{CKPT_DIR}/step-N or auto.")
+        return RunStore(run_url).fetch(name, run_dir / ".fetched" / name)
+    if resume != "auto":
+        return find_checkpoint(run_dir, resume)
+    name = store.newest()
+    return store.fetch(name, run_dir / CKPT_DIR / name) if name else None
+
+
+def read_state(path: Path) -> TrainerState:
+    """The checkpoint's TrainerState (state.py)."""
     return TrainerState.read(path)
 
 

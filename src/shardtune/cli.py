@@ -93,14 +93,14 @@ def _parser() -> argparse.ArgumentParser:
                     "nodes (default: 50 = 400 Gb/s per GPU for H100/H200, 25 for A100)")
 
     ex = sub.add_parser("export", help="checkpoint -> HF safetensors folder", description="Consolidate a checkpoint (ZeRO shards too) into an HF folder.")
-    ex.add_argument("checkpoint", type=Path, help="runs/.../checkpoints/step-N")
-    ex.add_argument("--out", type=Path, required=True, help="the HF folder to write")
+    ex.add_argument("checkpoint", help="runs/.../checkpoints/step-N, or in a store: RUN_URL/checkpoints/step-N or RUN_URL (its newest)")
+    ex.add_argument("--out", required=True, help="the HF folder to write (a local path or a URL)")
     ex.add_argument("--max-shard-size", default="2GB", help="split weights into files of at most this size")
 
     pr = sub.add_parser("predict", help="classify texts with a trained run", description="Print label and probabilities.")
-    pr.add_argument("run_dir", type=Path, help="run folder written by `shardtune train` (or its model/ folder)")
+    pr.add_argument("run_dir", help="run folder written by `shardtune train` (or its model/ folder; local or a URL)")
     pr.add_argument("texts", nargs="*", help="texts to classify")
-    pr.add_argument("--file", type=Path, help="JSONL/CSV/TSV/parquet file of texts")
+    pr.add_argument("--file", help="JSONL/CSV/TSV/parquet file of texts (local or a URL)")
     pr.add_argument("--column", default="text", help="text column in --file (default: text)")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a prompt with a trained causal LM",
         description="Load a run's model (merged, or base + LoRA adapter) and print the continuation of PROMPT; greedy unless --temperature > 0.",
     )
-    ge.add_argument("run_dir", type=Path, help="run folder written by `shardtune train` (or its model/ folder, or any HF model or adapter folder)")
+    ge.add_argument("run_dir", help="run folder written by `shardtune train` (or its model/ folder, or any HF model or adapter folder; local or a URL)")
     ge.add_argument("prompt", help="text to continue")
     ge.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
     ge.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples at this temperature")
@@ -179,24 +179,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from shardtune.export import export_checkpoint
+    import tempfile
 
-    out = export_checkpoint(args.checkpoint, args.out, args.max_shard_size)
-    print(f"exported {args.checkpoint} -> {out}")
+    from shardtune import storage
+    from shardtune.export import export_checkpoint
+    from shardtune.run_store import fetch_checkpoint, put_folder
+
+    with tempfile.TemporaryDirectory(prefix="shardtune-export-") as scratch:
+        ckpt = fetch_checkpoint(args.checkpoint, Path(scratch)) if storage.is_url(args.checkpoint) else Path(args.checkpoint).expanduser()
+        out = Path(scratch) / "model" if storage.is_url(args.out) else Path(args.out).expanduser()
+        export_checkpoint(ckpt, out, args.max_shard_size)
+        if storage.is_url(args.out):
+            put_folder(out, args.out)
+    print(f"exported {storage.display(args.checkpoint)} -> {storage.display(args.out)}")
     return 0
+
+
+def _local_run(path: str) -> Path:
+    """A run or model folder given as a path or a URL (fetched: exported models are safetensors and JSON)."""
+    from shardtune import storage
+    from shardtune.run_store import fetch_model
+
+    return fetch_model(path) if storage.is_url(path) else Path(path).expanduser()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from shardtune.predict import format_prediction, predict, read_texts
 
+    from shardtune import storage
+
     texts = list(args.texts)
     if args.file is not None:
-        if not args.file.is_file():
+        if not storage.is_url(args.file) and not Path(args.file).is_file():
             raise ShardtuneError(f"--file {args.file} does not exist; pass a JSONL/CSV/TSV/parquet file of texts.")
         texts += read_texts(args.file, args.column)
     if not texts:
         raise ShardtuneError("predict needs texts: pass them as arguments or with --file.")
-    for p in predict(args.run_dir, texts):
+    for p in predict(_local_run(args.run_dir), texts):
         print(format_prediction(p, args.json))
     return 0
 
@@ -204,7 +223,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from shardtune.generate import generate
 
-    print(generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    print(generate(_local_run(args.run_dir), args.prompt, args.max_new_tokens, args.temperature, args.seed))
     return 0
 
 

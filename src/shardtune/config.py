@@ -142,7 +142,7 @@ class TrainConfig(_Section):
     nonfinite_patience: int = Field(
         3, gt=0, description="NaN/Inf steps (each skipped) in a row before rolling back to the last good checkpoint."
     )
-    resume: str = Field("auto", min_length=1, description="auto = newest complete checkpoint in output.dir, never, or a checkpoint path.")
+    resume: str = Field("auto", min_length=1, description="auto = newest complete (sealed) checkpoint in output.dir, never, or a checkpoint path or URL.")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto = bar on a terminal, log lines otherwise.")
 
     # YAML 1.1 reads unquoted no/off/on as booleans; take them as the words the user wrote.
@@ -219,8 +219,9 @@ class DistConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: Optional[str] = Field(None, description="Run folder; default runs/<config name>-<timestamp>.")
+    dir: Optional[str] = Field(None, description="Run folder, local or an object-store URL (s3://bucket/runs/x); default runs/<config name>-<timestamp>.")
     overwrite: bool = Field(False, description="Allow writing into a non-empty run folder.")
+    staging: Optional[str] = Field(None, description="Local folder of a run whose dir is a URL (checkpoints are written here, then uploaded); default .staging/<bucket>/<path>.")
 
 
 class Config(_Section):

@@ -5,6 +5,7 @@ Off unless `SHARDTUNE_FAILPOINTS` is set. It holds `;`-separated entries
 
     kill@step=7,rank=1    SIGKILL rank 1 right after optimizer step 7 (before log, eval, checkpoint)
     kill@save=9           SIGKILL rank 0 inside the write of checkpoint 9 (shards written, not yet sealed)
+    kill@upload=9         SIGKILL rank 0 after it uploaded its first file of checkpoint 9 to the run's store
     stall@step=4,rank=1   rank 1 sleeps forever after step 4 (the others block in the next collective)
     nan@step=5,rank=1     rank 1's loss of step 5 becomes NaN (every micro-batch of that step)
     inf@step=5,rank=1     rank 1's gradient of step 5 gets an Inf after backward (its loss stays finite: only the grad

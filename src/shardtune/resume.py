@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from shardtune.trainer import Trainer
 
 MODEL_KEYS = ("name_or_path", "init", "preset", "arch", "lora")
-RESUME_NOISE = {"train.resume", "output.overwrite", "output.dir"}  # differ between a run and its resume by design
+RESUME_NOISE = {"train.resume", "output.overwrite", "output.dir", "output.staging"}  # differ between a run and its resume by design
 
 
 def resume(trainer: "Trainer", ckpt: Path) -> RunState:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from shardtune import ShardtuneError
+from shardtune.jsonfile import write_json
 
 STATE_FILE = "trainer_state.json"
 VERSION = 1
@@ -60,8 +61,6 @@ class TrainerState:
     version: int = VERSION
 
     def write(self, folder: Path) -> None:
-        from shardtune.checkpoint import write_json
-
         write_json(Path(folder) / STATE_FILE, {**asdict(self), "config_sha256": config_hash(self.config)})
 
     @classmethod

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from shardtune import ShardtuneError, failpoints
+from shardtune import ShardtuneError, failpoints, storage
 from shardtune.checkpoint import (
-    METRICS_FILE, MODEL_DIR, begin_checkpoint, choose_run_dir, export_model, find_checkpoint, save_config, seal_checkpoint, step_dir,
-    write_json,
+    CONFIG_FILE, METRICS_FILE, MODEL_DIR, begin_checkpoint, choose_run_dir, export_model, resume_point, save_config, seal_checkpoint,
+    step_dir, write_json,
 )
 from shardtune.config import Config
 from shardtune.distributed import build_strategy
@@ -30,6 +30,7 @@ from shardtune.optim import build_scheduler
 from shardtune.perf import Throughput, Window, environment
 from shardtune.preempt import Preemption
 from shardtune.progress import Progress
+from shardtune.run_store import RunStore
 from shardtune.state import RunState, TrainerState
 from shardtune.tasks import build_task
 from shardtune.tracking import Tracker, redact
@@ -62,8 +63,9 @@ class Trainer:
         self.cfg = cfg = s.cfg  # mixed_precision resolved: what the run records (config.yaml, W&B)
         self.preemption = preemption
         set_seed(cfg.train.seed)
+        self.store = RunStore(cfg.output.dir) if cfg.output.dir and storage.is_url(cfg.output.dir) else None
         self.run_dir = Path(s.from_main(str(choose_run_dir(cfg, config_name)) if s.is_main else None))
-        self.ckpt = s.from_main(find_checkpoint(self.run_dir, cfg.train.resume) if s.is_main else None)
+        self.ckpt = resume_point(s, cfg, self.run_dir, self.store)
         self.task = build_task(cfg, s, load_tokenizer(cfg.model))
         failpoints.hit("load", s.rank, 0)
         s.prepare(self.task.model)
@@ -79,6 +81,7 @@ class Trainer:
             self.run = resume(self, self.ckpt)
         if s.is_main:
             save_config(self.run_dir, cfg)
+            self.mirror(self.run_dir / CONFIG_FILE)
         self.perf = Throughput(s, s.unwrapped(), self.task.seq_len(), s.mixed_precision)
         self.tracker = Tracker(cfg.tracking, self.run_dir, cfg.to_dict(), s.is_main, self.run_dir.name, run_id=self.run.wandb_id,
                                meta={"env": environment(s.world)})
@@ -218,6 +221,7 @@ class Trainer:
         if improved:
             run.best_value, run.best_step, run.best_dir = metrics[run.best_metric], run.step, str((self.run_dir / MODEL_DIR).resolve())
             export_model(self.strategy, task.tokenizer, task.labels, self.run_dir / MODEL_DIR)
+            self.mirror(self.run_dir / MODEL_DIR)
         self.progress.write(f"eval @ step {run.step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + (" *" if improved else ""))
         patience = self.cfg.train.early_stopping_patience
         if patience and run.bad_evals >= patience:
@@ -236,7 +240,7 @@ class Trainer:
         state = TrainerState(run=copy.deepcopy(self.run), world_size=s.world, strategy=s.name, scheduler=self.scheduler.state_dict(),
                              data=s.per_slot(s.gather_objects(self.task.state_dict(self.data_position))), labels=self.task.labels, config=config)
         self.pending = begin_checkpoint(s, self.run_dir, self.run.step, state, self.cfg.train.save_total_limit, self.run.best_step,
-                                        asynchronous=asynchronous)
+                                        asynchronous=asynchronous, store=self.store)
         if not asynchronous:
             self.seal(log=False)
         self.tracker.log({"checkpoint/blocked_s": time.perf_counter() - started, "checkpoint/async": float(asynchronous)}, self.run.step)
@@ -245,9 +249,26 @@ class Trainer:
         """Seal the pending checkpoint (waiting for this rank's write first); logs `checkpoint/seal_s`. Collective."""
         if self.pending is not None:
             pending, self.pending, started = self.pending, None, time.perf_counter()
-            seal_checkpoint(self.strategy, self.run_dir, pending)
+            seal_checkpoint(self.strategy, self.run_dir, pending, self.store)
             if log:
                 self.tracker.log({"checkpoint/seal_s": time.perf_counter() - started, "checkpoint/sealed_step": pending.step}, self.run.step)
+
+    def mirror(self, path: Path) -> None:
+        """A file or folder of the run folder, to the store when the run has one (by the process that wrote it)."""
+        if self.store is None or not self.strategy.is_main:
+            return
+        if path.is_dir():
+            self.store.put_folder(path, path.name)
+        else:
+            self.store.put_file(path)
+
+    def best_model(self) -> Path:
+        """The best model's folder; from the store when it was exported on another node (a resume elsewhere). Collective."""
+        best = Path(self.run.best_dir)
+        if self.store is not None and self.strategy.is_main and not best.is_dir():
+            best = self.run_dir / MODEL_DIR
+            self.store.get_folder(MODEL_DIR, best)
+        return Path(self.strategy.from_main(str(best) if self.strategy.is_main else None))
 
     def preempted(self) -> dict:
         """The checkpoint of this step is saved: requeue under Slurm and end the process's run cleanly (exit 0)."""
@@ -290,14 +311,17 @@ class Trainer:
         if self.cfg.tracking.log_model == "final" and run.best_value is not None and run.best_step != run.step:
             final_dir = self.run_dir / "model-final"  # the final weights, before the best model replaces them
             export_model(s, task.tokenizer, task.labels, final_dir)
+            self.mirror(final_dir)
         if run.best_value is None:  # no eval: the final weights are the model
             export_model(s, task.tokenizer, task.labels, model_dir)
+            self.mirror(model_dir)
         elif run.best_step != run.step:
-            best = Path(run.best_dir)
+            best = self.best_model()
             s.load_full_state_dict(lambda: read_exported_state(best, s.unwrapped()), partial=is_peft(s.unwrapped()))
             self.progress.write(f"best model: step {run.best_step} ({run.best_metric}={run.best_value:.4f})")
             if best != model_dir.resolve():
                 export_model(s, task.tokenizer, task.labels, model_dir)
+                self.mirror(model_dir)
         result = {"train/steps": run.step, "train/runtime_s": time.perf_counter() - started,
                   "train/samples": run.samples, "train/tokens": run.tokens,
                   **{f"dist/{k}": v for k, v in bytes_per_rank.items()}, "dist/strategy": s.name, "dist/num_processes": s.world,
@@ -310,6 +334,7 @@ class Trainer:
         self.log_model(model_dir, final_dir)
         if s.is_main:
             write_json(self.run_dir / METRICS_FILE, result)
+            self.mirror(self.run_dir / METRICS_FILE)
             self.tracker.summary(result)
             shown = {k: round(v, 4) for k, v in result.items() if k.startswith(("test/", "best/"))}
             print(f"done: {shown} -> {self.run_dir}", flush=True)

@@ -1,4 +1,4 @@
-"""The pretokenized cache: built in parallel without collectives, read back as a training source.
+"""The pretokenized cache: built in parallel without collectives (read back as a training source by packed.py).
 
 `shardtune preprocess CONFIG --write DIR` stores, for every partition of the
 split's sources (partitions.py), its records in reading order, cleaned and
@@ -8,7 +8,7 @@ hence with the same packing, shuffle and mixture settings the same rows and
 losses as training from the sources, on any number of slots. Packing
 (seq_len, split_documents, doc_positions), shuffle, mixture, hold-out and
 max_documents are applied when the cache is read, so they can change without
-a rebuild; what shaped the stored tokens cannot (see SHAPING).
+a rebuild; what shaped the stored tokens cannot (see packed.SHAPING).
 
     DIR/build.json           format, what shaped it (`shaped_by`: source specs, every file with its size
                              and mtime, partition_bytes, cleaning, SFT shaping, EOS id, tokenizer hash,
@@ -23,13 +23,18 @@ a rebuild; what shaped the stored tokens cannot (see SHAPING).
     DIR/manifest.json        build.json plus the per-partition sizes and totals; written when every
                              partition is done: the cache is complete
 
+A cache lives in a local folder while it is built (builders coordinate by
+renaming files in it); to train from an object store, build it locally and
+upload the folder as it is (`aws s3 cp --recursive DIR s3://bucket/cache`,
+manifest.json last), then read `path: s3://bucket/cache` (packed.py). Its
+sources may be URLs: a source object is recorded with its size and no mtime.
+
 Parallel build: builder b of N builds deal(partitions, N)[b] (the same deal as
 the stream's, over all partitions, so any N splits the work disjointly), each
 partition written to temporary names and renamed; builders share nothing but
 the folder. Whoever finds every partition done writes the manifest (the same
 bytes whoever does). An interrupted build is resumed by running it again
-with any number of builders: done partitions are skipped. Reading memory-maps
-each open partition's arrays; a position is a record index.
+with any number of builders: done partitions are skipped.
 """
 
 from __future__ import annotations
@@ -38,132 +43,30 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from shardtune import ShardtuneError, failpoints
+from shardtune import ShardtuneError, failpoints, storage
 from shardtune.config import StreamConfig
 from shardtune.data.clean import Counts, add_counts, clean_document
 from shardtune.data.docstream import Doc, raw_records
-from shardtune.data.pack import IGNORE, PackOptions, tokenize_documents
+from shardtune.data.pack import IGNORE, PackOptions, special_ids, tokenize_documents
+from shardtune.data.packed import BUILD, FORMAT, MANIFEST, PARTS, shaping
 from shardtune.data.partitions import Part, deal
-from shardtune.data.plan import first_difference, flat, tokenizer_id
-
-FORMAT = "shardtune.cache/1"
-BUILD, MANIFEST, PARTS = "build.json", "manifest.json", "parts"
-OPEN_PARTS = 64
-# The settings that shape the stored tokens (a packed source's config must agree on them).
-SHAPING = ("max_record_bytes", "on_bad_record", "clean", "sft", "eos_token_id", "tokenizer", "seq_len", "holdout", "seed")
-
-
-def shaping(cfg: StreamConfig, tokenizer, eos: int) -> dict[str, Any]:
-    """The settings of a config that shape cached tokens (seq_len only for SFT; hold-out only with dedup)."""
-    out = {"max_record_bytes": cfg.max_record_bytes, "on_bad_record": cfg.on_bad_record, "clean": cfg.clean.model_dump(mode="json"),
-           "sft": cfg.sft.model_dump(mode="json") if cfg.sft else None, "eos_token_id": eos, "tokenizer": tokenizer_id(tokenizer)}
-    if cfg.sft is not None:
-        out["seq_len"] = cfg.seq_len
-    if cfg.clean.dedup:  # train drops copies of the held-out documents
-        out |= {"holdout": cfg.holdout, "seed": cfg.seed}
-    return out
+from shardtune.data.plan import build_plan
+from shardtune.data.settings import first_difference, flat
+from shardtune.data.sft import shape_document
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- reading
-
-
-@dataclass
-class CacheInfo:
-    """An open, complete cache: what a SplitPlan needs (picklable; arrays are mapped per process)."""
-
-    root: str
-    hash: str
-    parts: list  # Part(fmt="packed", start = the partition, end = its records)
-    weights: list
-    fields: list
-    sft: bool
-    _open: dict = field(default_factory=dict, repr=False)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}}
-
-    def arrays(self, pid: int) -> tuple:
-        """A partition's mapped arrays and meta (a few stay open: a slot reads one partition per source at a time)."""
-        if pid not in self._open:
-            base = Path(self.root) / PARTS / f"{pid:06d}"
-            load = lambda ext: np.load(f"{base}.{ext}.npy", mmap_mode="r")  # noqa: E731
-            meta = json.loads(Path(f"{base}.json").read_text())
-            if len(self._open) >= OPEN_PARTS:
-                self._open.pop(next(iter(self._open)))
-            self._open[pid] = (load("tok"), load("idx"), load("pcs"), load("msk") if self.sft else None, meta)
-        return self._open[pid]
-
-
-def _refuse(root, what: str) -> ShardtuneError:
-    return ShardtuneError(f"the cache {root} {what}; rebuild it with `shardtune preprocess CONFIG --write {root}` from this config, or use the cache's settings.")
-
-
-def open_cache(root: str, cfg: StreamConfig, tokenizer) -> CacheInfo:
-    """A complete cache that fits this config (one sentence naming what differs otherwise) and is not stale."""
-    from shardtune.data.stream import special_ids
-
-    path = Path(os.path.expanduser(root))
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        done = len(list((path / PARTS).glob("*.json"))) if (path / PARTS).is_dir() else 0
-        if (path / BUILD).is_file():
-            raise ShardtuneError(f"the cache {root} is not complete ({done} partitions built); run `shardtune preprocess CONFIG --write {root}` again to finish it.") from None
-        raise ShardtuneError(f"{root} holds no cache ({MANIFEST}); write one with `shardtune preprocess CONFIG --write {root}`.") from None
-    if manifest.get("format") != FORMAT:
-        raise _refuse(root, f"has format {manifest.get('format')!r}, not {FORMAT}")
-    cached = manifest["shaped_by"]
-    now = shaping(cfg, tokenizer, special_ids(cfg, tokenizer)[0])
-    if cached["tokenizer"] != now["tokenizer"]:
-        raise _refuse(root, "was built with another tokenizer than this config's model")
-    pick = lambda d: flat({k: d.get(k) for k in SHAPING if k != "tokenizer"}, "data")  # noqa: E731
-    diff = first_difference(pick(cached), pick(now), "in the cache", "here")
-    if diff:
-        raise _refuse(root, f"was built with other data settings ({diff})")
-    for name, size, mtime in cached["files"]:
-        if os.path.exists(name) and (os.path.getsize(name), os.stat(name).st_mtime_ns) != (size, mtime):
-            raise _refuse(root, f"is stale: its source file {name} changed since it was built (size or modification time)")
-    sizes = manifest["partitions"]
-    parts = [Part(pid, src, "packed", str(path), pid, sizes[pid]["records"], size) for pid, (src, size) in enumerate(manifest["table"])]
-    return CacheInfo(str(path), manifest["hash"], parts, manifest["weights"], manifest["fields"], cached["sft"] is not None)
-
-
-def cached_records(info: CacheInfo, part: Part, cur: dict) -> Iterator[tuple[str, Any]]:
-    """The records of a cached partition from cur["pos"] (a record index), as docstream.raw_records gives them."""
-    tok, idx, pcs, msk, meta = info.arrays(part.start)
-    n = len(idx) - 1
-    while cur["pos"] < n:
-        r = cur["pos"]
-        cur["pos"] = r + 1
-        if str(r) in meta["carry"]:
-            yield ("count", meta["carry"][str(r)])
-        (t0, p0), (t1, p1) = idx[r], idx[r + 1]
-        ids = tok[t0:t1].tolist()
-        labels = None if msk is None else [i if m else IGNORE for i, m in zip(ids, msk[t0:t1].tolist())]
-        yield ("doc", (ids, pcs[p0:p1].tolist(), labels, meta["counts"].get(str(r), {})))
-    if cur["pos"] == n:
-        cur["pos"] = n + 1
-        if meta["tail"]:
-            yield ("count", meta["tail"])
-
-
-# ---------------------------------------------------------------- building
-
-
 def _tokenized(plan, part: Part, cfg: StreamConfig, tokenizer, opt: PackOptions) -> tuple[list, Counts]:
     """-> ([(counts before it, TokDoc)] per record, counts after the last), as the stream would make them."""
-    from shardtune.data.sft import shape_document
-
     seen = set(plan.held_hashes) if plan.clean.dedup else None
     records, carry = [], {}
     for kind, payload in raw_records(plan, part, {"pos": part.initial_pos()}):
@@ -219,7 +122,7 @@ def _build_record(cfg: StreamConfig, plan, tokenizer, eos: int, split: str) -> d
     shaped = shaping(cfg, tokenizer, eos) | {
         "split": split, "partition_bytes": plan.part_bytes,
         "sources": [s.model_dump(mode="json", exclude={"weight"}) for s in (cfg.sources if split == "train" else cfg.validation_sources)],
-        "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+        "files": [[f, storage.size(f), None] if storage.is_url(f) else [f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
     }
     return {"format": FORMAT, "hash": _hash(shaped), "shaped_by": shaped, "table": [[p.source, p.size] for p in plan.parts],
             "weights": plan.weights, "fields": plan.fields, "dtype": "uint16" if max(len(tokenizer), eos + 1) <= 1 << 16 else "int32"}
@@ -279,9 +182,9 @@ def finish_if_done(root: Path) -> Optional[dict]:
 
 def build(cfg: StreamConfig, tokenizer, root: Path, split: str = "train", builder: int = 0, builders: int = 1) -> BuildReport:
     """Build builder `builder`'s share of the cache of `split` in root (see the module docstring)."""
-    from shardtune.data.plan import build_plan
-    from shardtune.data.stream import special_ids
-
+    if storage.is_url(str(root).replace(":/", "://", 1)):  # (a Path turns s3://b into s3:/b)
+        raise ShardtuneError(f"--write {root} is a URL; a cache is built in a local folder: write it to a local DIR, upload DIR "
+                             "to the store (manifest.json last), and train from the URL with format: packed.")
     if any(s.format == "packed" for s in cfg.sources + cfg.validation_sources):
         raise ShardtuneError("this config's sources are already a packed cache; --write builds a cache from raw sources.")
     if split == "validation" and not cfg.validation_sources:

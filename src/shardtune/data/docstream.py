@@ -153,10 +153,8 @@ class PartDocs:
                 self.cur["pos"] = 1
                 yield ("doc", plan.held_docs[part.start][1])
             return
-        if plan.cache is not None:
-            from shardtune.data.cache import cached_records
-
-            yield from cached_records(plan.cache, part, self.cur)
+        if plan.cache is not None:  # a packed cache (packed.CacheInfo) reads its own partitions
+            yield from plan.cache.records(part, self.cur)
             return
         yield from raw_records(plan, part, self.cur)
 

@@ -12,7 +12,7 @@ import itertools
 from typing import Iterator, Optional
 
 from shardtune import ShardtuneError
-from shardtune.data.readers import OK, Event, Where
+from shardtune.data.events import OK, Event, Where
 
 HUB = "hub:"
 

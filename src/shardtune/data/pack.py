@@ -33,6 +33,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from shardtune import ShardtuneError
+from shardtune.config import StreamConfig
 from shardtune.data.clean import Counts, add_counts
 from shardtune.data.docstream import Doc
 
@@ -47,6 +49,17 @@ class PackOptions:
     split_documents: bool = True
     doc_positions: bool = False
     emit_doc_ids: bool = False
+
+
+def special_ids(cfg: StreamConfig, tokenizer) -> tuple[int, int]:
+    """(EOS, pad): the id that ends each piece (data.eos_token_id, else the tokenizer's EOS or SEP) and the padding id."""
+    eos = cfg.eos_token_id
+    for name in ("eos_token_id", "sep_token_id"):
+        eos = eos if eos is not None else getattr(tokenizer, name, None)
+    if eos is None:
+        raise ShardtuneError("the tokenizer has no EOS or SEP token to separate documents; set eos_token_id in the stream config.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return eos, eos if pad is None else pad
 
 
 @dataclass

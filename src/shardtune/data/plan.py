@@ -1,4 +1,4 @@
-"""What one split reads (SplitPlan), the hold-out, and the settings a saved position depends on.
+"""What one split reads (SplitPlan) and the hold-out.
 
 A plan is built once per loader in the main process (every rank builds the
 same one without talking to the others) and travels to DataLoader workers by
@@ -15,10 +15,7 @@ of slots; validation is those N documents, one partition each.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -26,12 +23,10 @@ from shardtune import ShardtuneError
 from shardtune.config import CleanConfig, StreamConfig
 from shardtune.data.clean import clean_document
 from shardtune.data.docstream import SlotStream, fresh_slot
+from shardtune.data.packed import open_cache
 from shardtune.data.partitions import Part, check_source, partition_table, source_files, table_hash
 
 HOLDOUT_POOL = 10  # the hold-out is sampled from the first HOLDOUT_POOL * N draws
-# Settings a stream position depends on (not seq_len, batch size or workers: offsets count document tokens).
-STREAM_KEYS = ("sources", "validation_sources", "holdout", "seed", "shuffle_block", "on_source_end", "max_documents",
-               "max_record_bytes", "partition_bytes", "clean", "eos_token_id", "on_bad_record")
 
 
 @dataclass
@@ -52,7 +47,7 @@ class SplitPlan:
     held: frozenset = frozenset()  # (pid, rec) keys this split skips
     held_hashes: frozenset = frozenset()  # dedup hashes of the held-out documents (train drops copies)
     held_docs: list = field(default_factory=list)  # validation from the hold-out: [(doc key, text or pretokenized)]
-    cache: Any = None  # cache.CacheInfo when the split reads a packed cache
+    cache: Any = None  # packed.CacheInfo when the split reads a packed cache
     table: str = ""  # hash of the partition table (what positions mean)
     part_bytes: int = 0  # the partition_bytes the table was cut with
 
@@ -66,8 +61,6 @@ def source_plan(cfg: StreamConfig, specs: list, name: str, tokenizer) -> SplitPl
     clean = cfg.clean.model_copy(update={"max_chars": None}) if record else cfg.clean
     common = dict(clean=clean, on_bad=cfg.on_bad_record, limit=cfg.max_record_bytes, seed=cfg.seed)
     if any(s.format == "packed" for s in specs):
-        from shardtune.data.cache import open_cache
-
         if len(specs) != 1:
             raise ShardtuneError("a packed cache must be the only source of its split; build one cache of all the sources with `shardtune preprocess --write`.")
         info = open_cache(specs[0].path, cfg, tokenizer)
@@ -120,52 +113,3 @@ def plan_holdout(cfg: StreamConfig, base: SplitPlan) -> tuple[frozenset, list, f
             clean_document(payloads[i], base.clean, hashes)
     held = frozenset((keys[i] >> 32, keys[i] & 0xFFFFFFFF) for i in chosen)
     return held, [(keys[i], payloads[i]) for i in chosen], frozenset(hashes)
-
-
-# ---------------------------------------------------------------- what a saved position depends on
-
-
-_TOKENIZER_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_id(tokenizer) -> str:
-    """A hash of the tokenizer's whole definition (vocabulary, merges, normalizer, special tokens, chat template)."""
-    try:
-        return _TOKENIZER_IDS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([str(getattr(tokenizer, "chat_template", None)), sorted(map(str, tokenizer.all_special_tokens))])
-    out = hashlib.sha256((body + extra).encode()).hexdigest()[:16]
-    try:
-        _TOKENIZER_IDS[tokenizer] = out
-    except TypeError:
-        pass
-    return out
-
-
-def flat(value: Any, prefix: str) -> dict[str, Any]:
-    """Nested config values as {"data.clean.dedup": False, ...} (lists of sections by index)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flat(v, f"{prefix}.{k}"))
-        return out
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}[{i}]").items()} | {f"{prefix}#": len(value)}
-    return {prefix: value}
-
-
-def stream_settings(cfg: StreamConfig, split: str, tokenizer) -> dict[str, Any]:
-    keys = set(STREAM_KEYS) | ({"sft", "seq_len"} if cfg.sft is not None else set())  # SFT examples are never split: seq_len drops
-    out = flat(cfg.model_dump(mode="json", include=keys), "data")
-    return out | {"split": split, "tokenizer": tokenizer_id(tokenizer)}
-
-
-def first_difference(saved: dict, now: dict, then: str = "then", here: str = "now") -> Optional[str]:
-    """'data.seed: 3 then, 4 now' for the first key that differs, or None."""
-    for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            return f"{key}: {saved.get(key)!r} {then}, {now.get(key)!r} {here}"
-    return None

@@ -1,8 +1,11 @@
 """The one reader layer: the records of one partition of one file, with an exact, JSON-small position.
 
 Every task reads through here: the stream (docstream.py), classification and
-`shardtune predict` (records.py), and the cache builder (cache.py). Local files
-are parsed here, not through `datasets`, because a partition must start at a
+`shardtune predict` (records.py), and the cache builder (cache.py). Files are
+opened through storage.open_input, so a path may be an object-store URL
+(ranged GETs of the partition's bytes only) and a `.gz`/`.zst`/`.bz2`/`.xz`
+file is read decompressed (one partition; positions count decompressed
+bytes; compression.py). Files are parsed here, not through `datasets`, because a partition must start at a
 byte offset or row group and resume at an exact position (a `datasets`
 IterableDataset over a local file gives neither cheaply). Hub data sets
 stream through `datasets` (hub.py; their position is a row count in a shard).
@@ -44,45 +47,9 @@ import csv
 import json
 from typing import Any, Iterator, Optional
 
-from shardtune import ShardtuneError
-
-OK, BAD, SKIP = "ok", "bad", "skip"
-BOM = b"\xef\xbb\xbf"
-Event = tuple
-
-
-class Where:
-    """Where a record is, for messages: `path line N` (counted lazily), `path row N` or `path record N`."""
-
-    __slots__ = ("path", "pos", "unit")
-
-    def __init__(self, path: str, pos: int, unit: str = "byte"):
-        self.path, self.pos, self.unit = path, pos, unit
-
-    def __str__(self) -> str:
-        if self.unit != "byte":
-            return f"{self.path} {self.unit} {self.pos}"
-        return f"{self.path} line {line_number(self.path, self.pos)}"
-
-
-def line_number(path: str, pos: int) -> int:
-    """1-based number of the line starting at byte `pos` (reads the file up to there: for messages only)."""
-    newlines, left = 0, pos
-    with open(path, "rb") as f:
-        while left > 0 and (chunk := f.read(min(1 << 20, left))):
-            newlines += chunk.count(b"\n")
-            left -= len(chunk)
-    return newlines + 1
-
-
-def sentence(event: Event) -> str:
-    """The message of a BAD event: where + what + the fix."""
-    return f"{event[2]}{event[3]}"
-
-
-def bad(reason: str, where, detail: str) -> Event:
-    return (BAD, reason, where, detail)
-
+from shardtune import ShardtuneError, storage
+from shardtune.data.events import BAD, BOM, OK, SKIP, Event, Where, bad, line_number, sentence  # noqa: F401  (the readers' vocabulary)
+from shardtune.data.hub import read_hub
 
 def field_text(value: Any, field: Optional[str], where) -> Event:
     """(OK, text) of `field` in a record; field None = the whole record as JSON text (SFT, parsed in sft.py)."""
@@ -142,7 +109,7 @@ def _align(f, start: int, end: int) -> int:
 
 def _open_range(part, cur: dict):
     """The file, positioned at the first line the range owns (aligning once at a mid-file start)."""
-    f = open(part.path, "rb")
+    f = storage.open_input(part.path, part.end)
     if cur["pos"] == part.start and part.start > 0:
         cur["pos"] = _align(f, part.start, part.end)
     f.seek(cur["pos"])
@@ -235,7 +202,7 @@ class _CsvLines:
 def csv_header(path: str, delimiter: str, limit: int) -> tuple[list[str], int]:
     """The header row (BOM dropped) and the offset of the first body line."""
     cur = {"pos": 0}
-    with open(path, "rb") as f:
+    with storage.open_input(path, end_hint=1) as f:  # a URL: small GETs to the header's end, not a partition's worth
         header = next(csv.reader(_CsvLines(f, cur, 1, limit), delimiter=delimiter), [])
     return header, cur["pos"]
 
@@ -295,8 +262,11 @@ def read_txt_file(part, cur: dict, limit: int) -> Iterator[Event]:
     if part.end > limit:
         yield _too_large(where, limit)
         return
-    with open(part.path, "rb") as f:
-        data = f.read()
+    with storage.open_input(part.path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # a compressed file: its decompressed size shows only now
+        yield _too_large(where, limit)
+        return
     text, err = _decode(data[len(BOM):] if data.startswith(BOM) else data, part.path)
     yield err or ((OK, text, where) if text.strip() else (SKIP, "empty_file"))
 
@@ -304,7 +274,7 @@ def read_txt_file(part, cur: dict, limit: int) -> Iterator[Event]:
 def read_json_array(part, cur: dict) -> Iterator[Event]:
     """A JSON array (one record per element) or a single object (one record); the whole file at once."""
     try:
-        with open(part.path, "rb") as f:
+        with storage.open_input(part.path) as f:
             data = f.read()
         items = json.loads(data[len(BOM):] if data.startswith(BOM) else data, strict=False)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -320,7 +290,7 @@ def read_json_array(part, cur: dict) -> Iterator[Event]:
 def read_parquet(part, cur: dict, columns: Optional[list[str]]) -> Iterator[Event]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(part.path)
+    pf = pq.ParquetFile(storage.open_input(part.path) if storage.is_url(part.path) else part.path)
     missing = [c for c in columns or () if c not in pf.schema_arrow.names]
     if missing:
         cur["pos"] = part.end
@@ -366,7 +336,5 @@ def read_part(part, cur: dict, limit: int, columns: Optional[list[str]] = None) 
     if fmt == "parquet":
         return read_parquet(part, cur, columns)
     if fmt == "hub":
-        from shardtune.data.hub import read_hub
-
         return read_hub(part, cur)
     raise AssertionError(f"no reader for partition format {fmt}")

@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from shardtune import ShardtuneError
+from shardtune import ShardtuneError, storage
 from shardtune.assets import PACKAGED_DATA, packaged_data
 from shardtune.config import SourceSpec
 from shardtune.data.hub import HUB, hub_rows
-from shardtune.data.partitions import EXTENSIONS, Part, file_parts
+from shardtune.data.partitions import EXTENSIONS, Part, file_parts, text_format
 from shardtune.data.readers import BAD, OK, Where, read_part, sentence
 
 Record = tuple[Any, dict[str, Any]]  # (where: a file and line/row for messages, fields)
@@ -61,16 +61,19 @@ def _events_to_records(parts: list[Part], columns: Optional[list[str]]) -> list[
     return out
 
 
-def read_records(path: Path, columns: Optional[list[str]] = None) -> list[Record]:
-    """Every record of one file, in order; one clear error for an unknown extension, a bad record, or none at all."""
-    fmt = EXTENSIONS.get(path.suffix.lower())
+def read_records(path, columns: Optional[list[str]] = None) -> list[Record]:
+    """Every record of one file (a local path or an object-store URL), in order; one clear error for an unknown
+    extension, a bad record, or none at all."""
+    path = str(path)
+    fmt = text_format(path)
     if fmt is None:
-        raise ShardtuneError(f"data file {path} has an unknown extension; use one of {', '.join(EXTENSIONS)}.")
-    spec = SourceSpec(path=str(path), split=False)
+        raise ShardtuneError(f"data file {storage.display(path)} has an unknown extension; use one of {', '.join(EXTENSIONS)} "
+                             "(or one of them compressed: .gz, .zst, .bz2, .xz).")
+    spec = SourceSpec(path=path, split=False)
     parts = [Part(i, 0, *row) for i, row in enumerate(file_parts(str(path), fmt, spec, WHOLE))]
     records = _events_to_records(parts, columns)
     if not records:
-        raise ShardtuneError(f"data file {path} has no records; point the config at a file with data.")
+        raise ShardtuneError(f"data file {storage.display(path)} has no records; point the config at a file with data.")
     return records
 
 
@@ -78,13 +81,15 @@ def open_records(spec: str) -> tuple[str, list[Record]]:
     """A file, packaged data set name or hub:NAME[:CONFIG][@SPLIT] -> (name for messages, records)."""
     if spec.startswith(HUB):
         return spec, [(Where(spec, i, "row"), row) for i, row in enumerate(hub_rows(spec), 1)]
+    if storage.is_url(spec):
+        return storage.display(spec), read_records(spec)
     path = resolve_data_path(spec)
     return str(path), read_records(path)
 
 
 def label_folder(spec: str) -> Optional[Path]:
     """The folder, when `spec` names a folder (of per-label subfolders); None for anything else."""
-    if spec.startswith(HUB):
+    if spec.startswith(HUB) or storage.is_url(spec):
         return None
     path = Path(spec).expanduser()
     return path if path.is_dir() else None

@@ -77,13 +77,14 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shardtune import ShardtuneError
+from shardtune import ShardtuneError, storage
 from shardtune.config import CleanConfig, SourceSpec, StreamConfig  # noqa: F401  (defined with the config tree)
 from shardtune.data.clean import add_counts
 from shardtune.data.docstream import PState, SlotStream, fresh_slot
-from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch, tokenize_documents
+from shardtune.data.pack import PackOptions, make_batches, pack_rows, pad_batch, special_ids, tokenize_documents
 from shardtune.data.partitions import deal
-from shardtune.data.plan import SplitPlan, build_plan, first_difference, stream_settings
+from shardtune.data.plan import SplitPlan, build_plan
+from shardtune.data.settings import first_difference, stream_settings
 from shardtune.data.sft import tokenize_examples
 from shardtune.data.workers import StopSafeLoader
 
@@ -207,6 +208,7 @@ class _SlotDataset(IterableDataset):
 
     def _batches(self, slot: int):
         sstate = self.slots[str(slot)]
+        tag = storage.READ_TAG = f"slot-{slot}"  # the request log (SHARDTUNE_STORE_LOG) names the slot that reads
         stream = SlotStream(self.plan, slot, self.num_slots, sstate)
         docs = stream.documents()
         if self.cfg.sft is not None:
@@ -216,19 +218,10 @@ class _SlotDataset(IterableDataset):
         for batch, (doc, off, counts) in make_batches(pack_rows(toks, self.opt, dict(sstate["counts"])), self.batch_size, self.opt):
             state = stream.state_json(doc.after) if off is None else stream.state_json(doc.mark[0], (*doc.mark[1:], off))
             yield batch, {**state, "counts": counts}
+            storage.READ_TAG = tag  # again: several slots' streams in one process (lockstep) take turns
 
 
 # ---------------------------------------------------------------- main-process side
-
-
-def special_ids(cfg: StreamConfig, tokenizer) -> tuple[int, int]:
-    eos = cfg.eos_token_id
-    for name in ("eos_token_id", "sep_token_id"):
-        eos = eos if eos is not None else getattr(tokenizer, name, None)
-    if eos is None:
-        raise ShardtuneError("the tokenizer has no EOS or SEP token to separate documents; set eos_token_id in the stream config.")
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return eos, eos if pad is None else pad
 
 
 def decide(has: bool, flags: Sequence[bool], uneven: str) -> str:

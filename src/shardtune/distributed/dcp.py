@@ -66,11 +66,16 @@ def save_async(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: P
                               process_group=_checkpoint_group(), no_dist=not comm.initialized())
 
 
+ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+# DCP warns that it assumes one process when there is no process group: that is what we asked for. A filter for the
+# whole process, not a catch_warnings block: an async save's writer thread warns after such a block has ended.
+warnings.filterwarnings("ignore", message=ONE_PROCESS)
+
+
 @contextlib.contextmanager
 def _one_process():
-    """DCP warns that it assumes one process when there is no process group: that is what we asked for."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=ONE_PROCESS)
         yield
 
 

@@ -7,7 +7,9 @@ a non-finite update itself: ZeRO-3 always checks the grad norm; ZeRO-1/2 check i
 bf16, because `bf16.check_grad_overflow` is true in launch/deepspeed/*.json (stated there, tested in
 tests/test_strategies.py). The grad norm is known only after that step.
 
-Checkpoints are DeepSpeed's own (per-rank shards under ckpt/zero). Into the same strategy and world size
+Checkpoints are DeepSpeed's own (per-rank shards under ckpt/zero/state), with DeepSpeed's `latest` (naming the
+tag) and its copied zero_to_fp32.py beside them, so `python zero_to_fp32.py . OUT` in ckpt/zero works as DeepSpeed
+documents it (tests/test_zero_latest.py). Into the same strategy and world size
 they load as they are; into another world size or ZeRO stage they go through DeepSpeed's universal
 checkpoint (`ds_to_universal`, then `load_universal_checkpoint`), which keeps the optimizer state; from a
 DDP/FSDP2 (DCP) checkpoint only the weights are taken, and the fp32 masters are refreshed from them.
@@ -144,10 +146,10 @@ class ZeroStrategy(Strategy):
     # -------------------------------------------------------------- checkpoints
     def save(self, ckpt: Path) -> list[Path]:
         folder = Path(ckpt) / FOLDER
-        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=True)  # `latest`: for zero_to_fp32.py
         mine = [p for p in (folder / TAG).glob("*") if f"_rank_{self.rank}_" in p.name or f"rank_{self.rank:02d}" in p.name]
         if self.is_main:
-            mine += [p for p in (folder / TAG).glob("*model_states.pt")]
+            mine += [p for p in (folder / TAG).glob("*model_states.pt")] + [folder / "latest"]
         return sorted(set(mine))
 
     def load(self, ckpt: Path, saved_strategy: str, saved_world: int, scratch: Path) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Iterator, Optional, Protocol, runtim
 
 import torch
 
+from shardtune import ShardtuneError, storage
 from shardtune.config import TASK_SPECS, Config, TaskSpec
 
 if TYPE_CHECKING:
@@ -104,7 +105,28 @@ def task_classes() -> dict[str, type]:
 
 
 def build_task(cfg: Config, strategy: "Strategy", tokenizer) -> Task:
+    share_listings(cfg, strategy)
     return task_classes()[cfg.task](cfg, strategy, tokenizer)
+
+
+def share_listings(cfg: Config, strategy: "Strategy") -> None:
+    """The main rank lists every object-store source once and the others take its listing: one listing per run,
+    not one per rank (storage.seed_listings). A listing error is every rank's, in one sentence. Collective when
+    the config has such sources (every rank has the same config)."""
+    specs = [*getattr(cfg.data, "sources", []), *getattr(cfg.data, "validation_sources", [])]
+    urls = [spec.path for spec in specs if storage.is_url(spec.path) and spec.format != "packed"]  # a cache reads its manifest
+    if not urls:
+        return
+    found = None
+    if strategy.is_main:
+        try:
+            found = {url: storage.listing(url) for url in urls}
+        except ShardtuneError as exc:
+            found = str(exc)
+    found = strategy.from_main(found)
+    if isinstance(found, str):
+        raise ShardtuneError(found)
+    storage.seed_listings(found)
 
 
 __all__ = ["Sizes", "Task", "TASK_SPECS", "build_task", "task_classes"]
