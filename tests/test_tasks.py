@@ -23,6 +23,13 @@ def _config(name, tiny_bert, tiny_lm_tokenizer, lm_corpus, tmp_path):
             f"data.train_file={ROOT / 'data/pydocs-faq-dpo.jsonl'}", "data.max_examples=12", "data.dpo.max_length=512",
             "data.dpo.too_long=truncate", "model.lora={r: 4}", "train.batch_size=2", "train.eval_batch_size=2",
         ]
+    elif name == "grpo":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"{a} plus {a} is", "answer": str(2 * a)}) + "\n" for a in range(10)))
+        over = tiny_overrides(tiny_lm_tokenizer, tmp_path, **{"task": "grpo", "model.max_length": None, "data.max_examples": None})
+        over = [o for o in over if not o.endswith("=None") and not o.startswith("train.eval_every")] + [
+            f"data.train_file={prompts}", "model.init=scratch", "model.preset=tiny", "data.grpo.max_new_tokens=4", "train.batch_size=2",
+        ]
     else:
         over = lm_overrides(tiny_lm_tokenizer, lm_corpus, tmp_path, **{"task": name})
         if name == "sft":

@@ -26,7 +26,10 @@ from shardtune.config_data import (  # noqa: E402,F401  (the data sections, re-e
     CleanConfig,
     DataConfig,
     DpoConfig,
+    GrpoConfig,
     PairsConfig,
+    PromptsConfig,
+    RewardSpec,
     Section as _Section,
     SftConfig,
     SourceSpec,
@@ -35,7 +38,7 @@ from shardtune.config_data import (  # noqa: E402,F401  (the data sections, re-e
 
 
 LM_TASKS = ("causal_lm", "sft")
-DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m", "dpo": "smollm2-135m"}
+DEFAULT_MODELS = {"classification": "minilm-l6", "causal_lm": "smollm2-135m", "sft": "smollm2-135m", "dpo": "smollm2-135m", "grpo": "smollm2-135m"}
 
 
 class LoraConfig(_Section):
@@ -95,6 +98,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "sft": TaskSpec(StreamConfig, ("eval/loss", "eval/perplexity"), "eval/loss", "AutoModelForCausalLM", "data.seq_len"),
     "dpo": TaskSpec(PairsConfig, ("eval/loss", "eval/rewards/accuracy", "eval/rewards/margin"), "eval/loss", "AutoModelForCausalLM",
                     "data.dpo.max_length"),
+    "grpo": TaskSpec(PromptsConfig, ("eval/reward",), "eval/reward", "AutoModelForCausalLM", "data.grpo.max_new_tokens"),
 }
 
 
@@ -225,11 +229,12 @@ class OutputConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification", "causal_lm", "sft", "dpo"] = Field(
-        "classification", description="What to train (sft: causal LM on chat / prompt-response records, loss on responses only; dpo: preference pairs)."
+    task: Literal["classification", "causal_lm", "sft", "dpo", "grpo"] = Field(
+        "classification", description="What to train (sft: causal LM on chat / prompt-response records, loss on responses only; dpo: preference pairs; "
+        "grpo: online RL on prompts with verifiable rewards)."
     )
     model: ModelConfig = ModelConfig()
-    data: Annotated[Union[DataConfig, StreamConfig, PairsConfig], Field(discriminator="kind")] = DataConfig()
+    data: Annotated[Union[DataConfig, StreamConfig, PairsConfig, PromptsConfig], Field(discriminator="kind")] = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -97,6 +97,40 @@ class PairsConfig(Section):
     dpo: DpoConfig = DpoConfig()
 
 
+class RewardSpec(Section):
+    name: str = Field(..., min_length=1, description="exact_match, format, length_penalty, or a user reward as module:function.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum the advantages come from.")
+    options: dict = Field({}, description="Keyword options of the reward (e.g. answer_key, pattern, target).")
+
+
+class GrpoConfig(Section):
+    prompt_field: str = Field("prompt", min_length=1, description="Field holding the prompt (text, or chat turns).")
+    chat_template: bool = Field(True, description="Wrap a text prompt as a user turn in the tokenizer's chat template, when it has one.")
+    max_prompt_length: int = Field(256, ge=1, le=1_000_000, description="Prompt tokens kept (the prompt's tail when longer).")
+    num_generations: int = Field(4, ge=2, le=256, description="Completions sampled per prompt (the group G).")
+    max_new_tokens: int = Field(32, ge=1, le=100_000, description="Completion tokens at most (EOS ends one sooner).")
+    stop: list[str] = Field([], description="Stop strings: a completion ends at the token that completes one (e.g. </answer>).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (and of the log-probs, as TRL).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(0.0, ge=0, description="KL weight against the frozen reference (0 = no reference model).")
+    epsilon: float = Field(0.2, gt=0, description="Lower clip of the importance ratio (1 - epsilon).")
+    epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clip (1 + epsilon_high); None = epsilon.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss aggregation: grpo per sequence, bnpo/dapo per token, dr_grpo per max_new_tokens.")
+    scale_rewards: Literal["group", "none"] = Field("group", description="Divide each group's centred rewards by its std (group) or not (none).")
+    rewards: list[RewardSpec] = Field([RewardSpec(name="exact_match")], min_length=1, description="Reward functions, summed with weights.")
+
+
+class PromptsConfig(Section):
+    kind: Literal["prompts"] = Field("prompts", description="Prompt records held in memory (set from task grpo).")
+    train_file: str = Field(..., min_length=1, description="JSONL/JSON/CSV/parquet file of prompt records (the prompt and what the rewards read, e.g. answer).")
+    validation_file: Optional[str] = Field(None, description="Held-out prompts (same form); None = a seeded hold-out of the train prompts.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Hold-out fraction for validation when no file is given.")
+    split_seed: int = Field(42, description="Seed of the hold-out split (independent of train.seed).")
+    max_examples: Optional[int] = Field(None, gt=0, description="Use only the first N train prompts (smoke runs).")
+    max_eval_examples: Optional[int] = Field(None, gt=0, description="Evaluate on the first N held-out prompts only.")
+    grpo: GrpoConfig = GrpoConfig()
+
+
 class StreamConfig(Section):
     kind: Literal["stream"] = Field("stream", description="Streamed documents for language-model tasks (set from task).")
     sources: list[SourceSpec] = Field(..., min_length=1, description="Training sources, mixed by weight.")

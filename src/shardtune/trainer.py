@@ -73,7 +73,7 @@ class Trainer:
         # Stepped by hand on optimizer steps only; Accelerate's wrapper would step it once per process.
         self.scheduler = build_scheduler(s.optimizer, cfg.optim, self.total)
         metric, greater = cfg.train.metric_for_best, cfg.train.greater_is_better
-        self.run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro", "margin")))
+        self.run = RunState(best_metric=metric, greater=greater if greater is not None else metric.endswith(("accuracy", "f1_macro", "margin", "reward")))
         if s.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         s.barrier()
@@ -216,7 +216,7 @@ class Trainer:
         self.tracker.log(metrics, run.step)
         rows = task.generations(self.strategy.model)
         if rows:
-            self.tracker.table("eval/generations", ["prompt", "completion"], rows, run.step)
+            self.tracker.table("eval/generations", ["prompt", "completion", "reward"][: len(rows[0])], rows, run.step)
         improved = run.improved(metrics[run.best_metric])
         if improved:
             run.best_value, run.best_step, run.best_dir = metrics[run.best_metric], run.step, str((self.run_dir / MODEL_DIR).resolve())

@@ -128,6 +128,22 @@ class Strategy(abc.ABC):
         """Context for one micro-batch's forward and backward; `last` = the step's final one."""
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def generating(self):
+        """The model to call `generate` on, in eval mode, with its parameters whole for the whole call: gathered once,
+        not once per token, where they are sharded (distributed/rollout.py), and released after. Collective there."""
+        model = self.unwrapped()
+        was = model.training
+        model.eval()
+        try:
+            with self._whole_parameters():
+                yield model
+        finally:
+            model.train(was)
+
+    def _whole_parameters(self):
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         ...

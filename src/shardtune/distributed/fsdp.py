@@ -129,6 +129,11 @@ class FSDPStrategy(Strategy):
     def _torch_optimizer(self):
         return self.optimizer
 
+    def _whole_parameters(self):
+        from shardtune.distributed.rollout import fsdp_unsharded
+
+        return fsdp_unsharded(self.model)
+
     def _resharded(self) -> None:
         """State-dict code wants every parameter as its DTensor shard: a module that did not reshard after its last
         forward (an eval forward has no backward to do it) is resharded first."""

@@ -98,6 +98,11 @@ class ZeroStrategy(Strategy):
     def unwrapped(self) -> torch.nn.Module:
         return self.engine.module
 
+    def _whole_parameters(self):
+        from shardtune.distributed.rollout import zero3_gathered
+
+        return zero3_gathered(self.engine) if self.shards_parameters else contextlib.nullcontext()
+
     def micro_batch(self, last: bool):
         self._last = last
         return super().micro_batch(last)

@@ -100,8 +100,9 @@ def task_classes() -> dict[str, type]:
     from shardtune.tasks.causal_lm import CausalLMTask, SFTTask
     from shardtune.tasks.classification import ClassificationTask
     from shardtune.tasks.dpo import DPOTask
+    from shardtune.tasks.grpo import GRPOTask
 
-    return {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask, "dpo": DPOTask}
+    return {"classification": ClassificationTask, "causal_lm": CausalLMTask, "sft": SFTTask, "dpo": DPOTask, "grpo": GRPOTask}
 
 
 def build_task(cfg: Config, strategy: "Strategy", tokenizer) -> Task:
