@@ -83,7 +83,22 @@ class _Zstd:
         pass
 
 
-class Decompressed(io.RawIOBase):
+class PositionedRaw(io.RawIOBase):
+    """A readable, seekable raw stream that keeps its position in `pos` (Decompressed, storage.RangeReader)."""
+
+    pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class Decompressed(PositionedRaw):
     """The decompressed bytes of `open_raw()` (a binary file of compressed bytes) as a seekable raw stream."""
 
     def __init__(self, path: str, name: str, open_raw: Callable[[], io.IOBase]):
@@ -100,15 +115,6 @@ class Decompressed(io.RawIOBase):
         for s in (self.stream, self.raw):
             if s is not None:
                 s.close()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def readinto(self, buffer) -> int:
         try:

@@ -32,7 +32,7 @@ from collections import Counter
 from typing import Callable, Optional
 
 from shardtune import ShardtuneError
-from shardtune.compression import Decompressed, codec
+from shardtune.compression import Decompressed, PositionedRaw, codec
 
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -228,7 +228,7 @@ def _log(*fields) -> None:
             f.write("\t".join(map(str, (READ_TAG, *fields))) + "\n")
 
 
-class RangeReader(io.RawIOBase):
+class RangeReader(PositionedRaw):
     """An object's bytes through ranged GETs: at most BLOCK per request, and past `end_hint` only small ones (TAIL,
     doubling): a record that runs past a partition's end is read to its end, and little more is fetched ahead."""
 
@@ -237,15 +237,6 @@ class RangeReader(io.RawIOBase):
         self.total = size(url)
         self.end_hint = self.total if end_hint is None else min(end_hint, self.total)
         self.pos, self.tail = 0, TAIL
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self.pos = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset, io.SEEK_END: self.total + offset}[whence]
