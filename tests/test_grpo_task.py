@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 
@@ -103,11 +104,12 @@ def short(completions, records):
 
 @pytest.mark.parametrize("fn,words", [("raises", ("raised ValueError",)), ("nan", ("returned nan",)), ("short", ("returned 1 values",))])
 def test_a_bad_reward_function_is_one_sentence_naming_it(fn, words, tiny_base, prompts, tmp_path, run_cli, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(BAD_REWARDS)
+    (tmp_path / "bad_grpo_rewards.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    argv = _argv(tiny_base, prompts, tmp_path / "run", **{"data.grpo.rewards": f"[{{name: 'my_rewards:{fn}'}}]", "train.max_steps": 2})
+    monkeypatch.delitem(sys.modules, "bad_grpo_rewards", raising=False)  # imported fresh, and gone after: no other test sees it
+    argv = _argv(tiny_base, prompts, tmp_path / "run", **{"data.grpo.rewards": f"[{{name: 'bad_grpo_rewards:{fn}'}}]", "train.max_steps": 2})
     code, _, err = run_cli(*argv)
-    assert one_sentence(code, err, f"my_rewards:{fn}", *words)
+    assert one_sentence(code, err, f"bad_grpo_rewards:{fn}", *words)
 
 
 def test_a_rollouts_rows_mask_what_follows_its_end():
