@@ -71,6 +71,16 @@ def _ignored(value, ignore: int):
     return [ignore] * len(value) if isinstance(value, (list, tuple)) else ignore
 
 
+def seeded_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): round(fraction * n) items drawn with Random(seed), both in their original order."""
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: int(round(len(items) * fraction))])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def shard_eval(n: int, world: int, rank: int, batch: int) -> list[list[int]]:
     """Eval batches of this rank: examples r, r+W, ..., padded with PAD so every rank runs the same number of
     batches of the same size."""

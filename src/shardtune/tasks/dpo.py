@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
-from shardtune.data.batching import PAD, StepBatches, seeded_order, shard_eval
+from shardtune.data.batching import PAD, StepBatches, seeded_holdout, seeded_order, shard_eval
 from shardtune.data.dpo import Pair, collate_pairs, encode_records
 from shardtune.dpo_loss import METRICS, dpo_loss, reward_sums, sequence_logps
 from shardtune.metrics import IGNORE
@@ -119,16 +119,10 @@ class DPOTask(EpochPosition):
         self._sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=strategy.device)
 
     def _split(self, pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
-        import random
-
         d = self.cfg.data
         if d.validation_file:
             return pairs, _read(d.validation_file, self.cfg, self.tokenizer)[0]
-        order = list(range(len(pairs)))
-        random.Random(d.split_seed).shuffle(order)
-        n = int(round(len(pairs) * d.validation_fraction))
-        held = set(order[:n])
-        return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+        return seeded_holdout(pairs, d.validation_fraction, d.split_seed)
 
     def _frozen_copy(self):
         from shardtune.distributed.init import unsharded_init

@@ -25,14 +25,13 @@ their completions and rewards at each eval.
 from __future__ import annotations
 
 import math
-import random
 from typing import ClassVar, Iterator
 
 import torch
 
 from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
-from shardtune.data.batching import PAD, StepBatches, seeded_order, shard_eval
+from shardtune.data.batching import PAD, StepBatches, seeded_holdout, seeded_order, shard_eval
 from shardtune.data.prompts import Prompt, completion_mask, encode_prompts, rollout_rows
 from shardtune.grpo_loss import completion_logps, group_advantages, policy_loss
 from shardtune.models import is_peft
@@ -84,10 +83,8 @@ class GRPOTask(EpochPosition):
         d = self.cfg.data
         if d.validation_file:
             return prompts, self._read(d.validation_file)[: d.max_eval_examples or None]
-        order = list(range(len(prompts)))
-        random.Random(d.split_seed).shuffle(order)
-        held = set(order[: int(round(len(prompts) * d.validation_fraction))])
-        return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)][: d.max_eval_examples or None]
+        train, held = seeded_holdout(prompts, d.validation_fraction, d.split_seed)
+        return train, held[: d.max_eval_examples or None]
 
     def _frozen_copy(self):
         """The starting weights, frozen: a pretrained model loaded again (unsharded, as DPO's reference); a from-scratch
