@@ -193,10 +193,10 @@ def _val_files(tmp_path: Path) -> list[Path]:
     return files
 
 
-def test_eval_reads_exactly_the_validation_sources_and_eval_batches_caps_it(lm_run, tiny_lm_tokenizer, tmp_path):
+def test_eval_reads_exactly_the_validation_sources_and_eval_batches_caps_it(lm_run, tiny_lm_tokenizer, lm_corpus, tmp_path):
     """data.validation_sources (two files, no holdout): the eval's label tokens are those files' tokens (+ EOS per
     document) less the first token of each 32-token row, not the training corpus's; train.eval_batches 2 of
-    eval_batch_size 2 counts exactly 2 x 2 full rows."""
+    eval_batch_size 2 counts exactly 2 x 2 full rows, on 1 process and on 2 ranks (the cap is over all ranks)."""
     from transformers import AutoTokenizer
 
     files = _val_files(tmp_path)
@@ -211,6 +211,13 @@ def test_eval_reads_exactly_the_validation_sources_and_eval_batches_caps_it(lm_r
     rows = math.ceil(tokens / 32)
     assert tokens > 4 * 32 and counts["null"] == [tokens - rows], (tokens, counts)
     assert counts["2"] == [2 * 2 * 31], counts
+    # on 2 ranks the cap is still 2 batches in all (one each), not 2 per rank
+    yaml, two = tmp_path / "lm2.yaml", tmp_path / "two"
+    yaml.write_text("task: causal_lm\n")
+    over = lm_overrides(tiny_lm_tokenizer, lm_corpus, two, **{"train.mixed_precision": "no", "data.holdout": 0, "train.max_steps": 2,
+                                                               "data.validation_sources": sources, "train.eval_batches": 2, "train.eval_batch_size": 2})
+    assert forklaunch.launch(["train", str(yaml), *over], tmp_path, world=2) == [0, 0]
+    assert [r["eval/tokens"] for r in _rows(two) if "eval/tokens" in r] == [2 * 2 * 31]
 
 
 # ---------------------------------------------------------------- train.resume: never

@@ -135,7 +135,7 @@ class TrainConfig(_Section):
     )
     greater_is_better: Optional[bool] = Field(None, description="None = inferred (loss: lower is better).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evals without improvement.")
-    eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches per process (streams); None = the whole eval set.")
+    eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval batches over all data-parallel ranks (streams), the same on any layout; None = the whole eval set.")
     save_every: Optional[int] = Field(None, gt=0, description="Optimizer steps between checkpoints; None = no checkpoints.")
     save_every_minutes: Optional[float] = Field(None, gt=0, description="Also checkpoint when this many minutes passed since the last save.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept: the newest N, plus the one saved at the best eval.")

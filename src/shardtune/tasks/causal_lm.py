@@ -138,12 +138,14 @@ class CausalLMTask:
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=s.device)
         sync = (lambda has: [bool(f) for f in s.gather_objects(has)]) if s.world > 1 else None
+        cap = self.cfg.train.eval_batches  # over all data-parallel ranks: every rank runs ceil(cap / dp) forwards, cap count
         for i, batch in enumerate(self._loader("validation", sync=sync)):
-            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+            if cap and i >= math.ceil(cap / s.dp_world):
                 break
             batch = s.split_batch({k: v.to(s.device) for k, v in batch.items() if k != "doc_ids"})
             total, count = next_token_loss(model, batch, head=self.head)  # an all-padding batch (a rank that ran out) counts nothing
-            sums += torch.stack([total.double(), count.double()])
+            counted = not cap or i * s.dp_world + s.dp_rank < cap  # a forward past the cap still runs: it is collective
+            sums += torch.stack([total.double(), count.double()]) * counted
         model.train(was)
         loss_sum, count = s.data_sum(sums).tolist()
         loss = loss_sum / max(count, 1)
