@@ -19,7 +19,9 @@ the trainer attributes the methods read, for one process:
 - from a model: TRL's real `GRPOTrainer._get_per_token_logps_and_entropies` on a tiny Llama patched by
   `trl.trainer.utils.add_fused_lm_head` (temperature 0.7, left-padded prompts), feeding `_compute_loss`, vs
   `completion_logps(model(...).logits)` -> `policy_loss`: log-probs, loss and the gradients of every weight
-  (so of the logits).
+  (so of the logits), and `completion_entropy` vs TRL's entropies (its `entropy` metric).
+- scale_rewards batch split in parts (micro-batches, ranks): `batch_std_of` the parts' summed moments gives TRL's
+  whole-batch advantages.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from shardtune.grpo_loss import LOSS_TYPES, SCALES, completion_logps, group_advantages, policy_loss
+from shardtune.grpo_loss import LOSS_TYPES, SCALES, batch_std_of, completion_entropy, completion_logps, group_advantages, policy_loss
 from shardtune.rewards import Reward, RewardSet
 
 TOL = 1e-5
@@ -180,6 +182,13 @@ def test_advantages_equal_trl_generate_and_score_completions(trl_defaults, scale
     adv = group_advantages(torch.tensor(scores.total), group, scale)
     assert adv.dtype == torch.float32 and torch.allclose(adv, trl_adv, atol=TOL, rtol=0)
     assert (adv[8:12] == 0).all() and adv.abs().max() > 0.5
+    # the step split in micro-batches (and ranks), as the task scales "batch": (count, sum, sum of squares) of each
+    # part summed, then each part scaled by that std, gives the whole batch's advantages
+    total = torch.tensor(scores.total, dtype=torch.float64)
+    parts = [total[:8], total[8:]]
+    sums = torch.stack([torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64), t.sum(), (t * t).sum()]) for t in parts]).sum(0)
+    split = torch.cat([group_advantages(t.float(), group, scale, batch_std_of(*sums.tolist())) for t in parts])
+    assert torch.allclose(split, trl_adv, atol=TOL, rtol=0)
     logged = {k: v[-1] for k, v in stub._metrics["train"].items()}
     assert scores.means()["a"] == pytest.approx(logged["rewards/a/mean"], abs=TOL)
     assert scores.means()["b"] == pytest.approx(logged["rewards/b/mean"], abs=TOL)
@@ -248,8 +257,12 @@ def test_logps_loss_and_weight_grads_from_a_model_equal_trl(trl_defaults, llama_
     with torch.no_grad():
         ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
         attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
-        trl_logp = GRPOTrainer._get_per_token_logps_and_entropies(stub, model, ids, attn, ids.shape[1] - b["prompt_ids"].shape[1])[0]
+        trl_logp, trl_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(stub, model, ids, attn, ids.shape[1] - b["prompt_ids"].shape[1],
+                                                                                  compute_entropy=True)
+        entropy = completion_entropy(model(input_ids=ids, attention_mask=attn).logits, b["completion_mask"], temperature)
     assert torch.allclose(logp.detach(), trl_logp, atol=TOL, rtol=0)
+    on = b["completion_mask"].bool()  # TRL's `entropy` metric is the mean over these
+    assert torch.allclose(entropy[on], trl_entropy[on], atol=TOL, rtol=0) and (entropy[~on] == 0).all() and entropy[on].min() > 0.1
     out = policy_loss(logp, old, ref, b["advantages"], b["completion_mask"], EPS_LOW, EPS_HIGH, beta, loss_type, MAX_LEN)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(trl_loss.item(), abs=TOL)

@@ -116,7 +116,8 @@ class GrpoConfig(Section):
     epsilon: float = Field(0.2, gt=0, description="Lower clip of the importance ratio (1 - epsilon).")
     epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clip (1 + epsilon_high); None = epsilon.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss aggregation: grpo per sequence, bnpo/dapo per token, dr_grpo per max_new_tokens.")
-    scale_rewards: Literal["group", "none"] = Field("group", description="Divide each group's centred rewards by its std (group) or not (none).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide each group's centred rewards by the std of its group, of the whole step's rewards (batch: every rank's), or not (none).")
     rewards: list[RewardSpec] = Field([RewardSpec(name="exact_match")], min_length=1, description="Reward functions, summed with weights.")
 
 

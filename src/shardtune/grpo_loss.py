@@ -45,6 +45,7 @@ with A > 0) and clip_ratio/region (either).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,12 +71,14 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(var * correction)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     batch_std: Optional[float] = None) -> torch.Tensor:
     """[B * G] rewards, G completions per prompt in consecutive rows -> [B * G] float32 advantages.
 
     Each reward minus its group's mean; divided by (std + 1e-4) where std is the unbiased std of the group
     (scale="group") or of the WHOLE batch (scale="batch": the mean stays per group), not divided for "none".
-    Pass the rewards of the whole rollout batch (every rank's) so that groups and the batch std are complete.
+    For "batch", `batch_std` gives that std when the batch is larger than `rewards` (every micro-batch and rank of
+    a step: `batch_std_of`); else it is the std of `rewards`.
     NaN rewards (unscorable) are left out of the means and stds and get advantage 0; so does a group of one.
     """
     if scale not in SCALES:
@@ -87,10 +90,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     centred = groups - torch.nanmean(groups, dim=1, keepdim=True)
     if scale == "group":
         std = _nanstd(groups) if group_size > 1 else torch.zeros_like(groups)
+    elif batch_std is not None:
+        std = torch.full_like(groups, batch_std)
     else:
         std = _nanstd(r.view(1, -1)) if r.numel() > 1 else torch.zeros_like(groups)
     adv = centred if scale == "none" else centred / (std + STD_EPS)
     return torch.nan_to_num(adv.reshape(-1), nan=0.0)
+
+
+def batch_std_of(count: float, total: float, squares: float) -> float:
+    """The unbiased std of a batch from its (count, sum, sum of squares) of non-NaN rewards, summed over micro-batches and
+    ranks in float64 (0 for fewer than 2 rewards, where TRL's is NaN or 0: every advantage is then 0 or the centred reward)."""
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(squares - total * total / count, 0.0) / (count - 1))
 
 
 def completion_logps(logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -107,6 +120,18 @@ def completion_logps(logits: torch.Tensor, completion_ids: torch.Tensor, complet
         scores = scores / temperature
     target = completion_ids.masked_fill(completion_mask == 0, IGNORE)
     return -F.cross_entropy(scores.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+
+
+@torch.no_grad()
+def completion_entropy(logits: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The policy's entropy (nats) at each completion position, [B, C] float32, 0 where completion_mask is 0: the
+    distribution each completion token was drawn from (logits as for `completion_logps`), TRL's `entropy` metric."""
+    c = completion_mask.shape[1]
+    rows = []
+    for scores in logits[:, -c - 1:-1].split(4):  # a few rows at a time: [4, C, V] float32 at most
+        logp = torch.log_softmax(scores.float() / temperature, dim=-1)
+        rows.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(rows) * completion_mask
 
 
 @dataclass

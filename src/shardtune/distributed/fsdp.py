@@ -91,6 +91,10 @@ class FSDPStrategy(Strategy):
                     module.compile()
                 self._shard(module)
         self._shard(model)
+        if hasattr(model, "generate"):  # a rollout calls the root's generate, not its forward (PeftModel.generate skips its
+            from torch.distributed.fsdp import register_fsdp_forward_method  # forward): the root's hooks must run first
+
+            register_fsdp_forward_method(model, "generate")
         self.model = model
         self.optimizer = build_optimizer(model, self.cfg.optim)  # over the sharded DTensor parameters
 

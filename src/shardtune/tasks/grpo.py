@@ -15,9 +15,12 @@ completion token masked: they cost a rollout and count for nothing.
 
 The reference (grpo.beta > 0) is DPO's: adapters disabled for LoRA, else a frozen copy of the starting weights.
 Loss aggregation (grpo.loss_type) maps to the (sum, weight) pair every task gives the Trainer (grpo_loss.py).
+scale_rewards=batch divides by the std of the whole step's rewards (every micro-batch and rank, TRL's generation batch):
+the step's micro-batches wait for it, and its first loss() computes it with one all-reduce.
 
 Metrics, summed over micro-batches and ranks then divided: train/reward (the weighted total), train/reward/<name>,
-train/reward_std, train/advantage_abs (mean |A|), train/kl, train/clip_ratio/*, train/completion_length, train/completions_ended (hit EOS);
+train/reward_std, train/advantage_abs (mean |A|), train/kl, train/clip_ratio/*, train/entropy (the policy's, per completion
+token, TRL's), train/completion_length, train/completions_ended (hit EOS);
 eval: greedy completions of the held-out prompts, eval/reward and eval/reward/<name>; a table of held-out prompts,
 their completions and rewards at each eval.
 """
@@ -33,12 +36,13 @@ from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
 from shardtune.data.batching import PAD, StepBatches, seeded_holdout, seeded_order, shard_eval
 from shardtune.data.prompts import Prompt, completion_mask, encode_prompts, rollout_rows
-from shardtune.grpo_loss import completion_logps, group_advantages, policy_loss
+from shardtune.grpo_loss import batch_std_of, completion_entropy, completion_logps, group_advantages, policy_loss
 from shardtune.models import is_peft
 from shardtune.rewards import RewardSet, make_reward
 from shardtune.tasks import EpochPosition, Sizes
 
-STATS = ("reward", "reward_std", "advantage_abs", "kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "completion_length", "completions_ended")
+TOKEN_STATS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy")  # means over completion tokens
+STATS = ("reward", "reward_std", "advantage_abs", *TOKEN_STATS, "completion_length", "completions_ended")
 
 
 def rollout_seed(seed: int, epoch: int, index: int) -> int:
@@ -67,6 +71,7 @@ class GRPOTask(EpochPosition):
         t = cfg.train
         self.steps = StepBatches(len(self.train), seeded_order(len(self.train), t.seed), t.batch_size, strategy.dp_world, strategy.dp_rank, t.grad_accum)
         self._position = {"epoch": 0, "samples": 0}
+        self._unscaled: list[dict] = []  # rolled-out micro-batches of this step awaiting the batch std (scale_rewards=batch)
         self.names = [f"reward/{n}" for n in self.rewards.names] + list(STATS)
         self._sums = torch.zeros(len(self.names) + 2, dtype=torch.float64)  # ..., completions, completion tokens
 
@@ -148,17 +153,34 @@ class GRPOTask(EpochPosition):
         scores = self.rewards.scores(texts, records)
         total = torch.tensor(scores.total, dtype=torch.float32)
         batch.update({k: v.to(self.strategy.device) for k, v in rows.items()})
-        batch["advantages"] = group_advantages(total, g.num_generations, g.scale_rewards).to(self.strategy.device)
+        if g.scale_rewards == "batch":  # scaled by the whole step's std at its first loss(): _scale_step
+            self._unscaled.append(batch)
+        else:
+            batch["advantages"] = group_advantages(total, g.num_generations, g.scale_rewards).to(self.strategy.device)
         batch["real"], batch["scores"], batch["total"] = real, scores, total
         if g.beta:
             batch["ref_logp"] = self._reference_logps(batch)
         return batch
 
-    def _logps(self, model, batch: dict) -> torch.Tensor:
-        c = batch["completion_ids"].shape[1]
+    def _scale_step(self) -> None:
+        """scale_rewards=batch: the advantages of the step's micro-batches, divided by the std of every reward of the
+        step (every micro-batch, every rank: TRL's std of its whole generation batch), so any layout gets the same
+        numbers. The Trainer rolls out all of a step's micro-batches (sizes) before its first loss. Collective."""
+        totals = torch.cat([b["total"][b["real"]] for b in self._unscaled]).double()
+        totals = totals[~totals.isnan()]
+        sums = torch.stack([torch.tensor(float(totals.numel()), dtype=torch.float64), totals.sum(), (totals * totals).sum()])
+        std = batch_std_of(*self.strategy.data_sum(sums.to(self.strategy.device)).tolist())
+        for b in self._unscaled:
+            b["advantages"] = group_advantages(b["total"], self.g.num_generations, "batch", std).to(self.strategy.device)
+        self._unscaled = []
+
+    def _logps(self, model, batch: dict, entropy: bool = False):
+        """[B, C] completion log-probs; with entropy, also the [B, C] entropies of the same forward."""
+        c, mask = batch["completion_ids"].shape[1], batch["completion_mask"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                        use_cache=False, logits_to_keep=c + 1).logits
-        return completion_logps(logits, batch["completion_ids"], batch["completion_mask"], self.g.temperature)
+        logp = completion_logps(logits, batch["completion_ids"], mask, self.g.temperature)
+        return (logp, completion_entropy(logits, mask, self.g.temperature)) if entropy else logp
 
     def _reference_logps(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -176,9 +198,12 @@ class GRPOTask(EpochPosition):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.g
-        logp = self._logps(model, batch)
+        if "advantages" not in batch:
+            self._scale_step()
+        logp, entropy = self._logps(model, batch, entropy=True)
         out = policy_loss(logp, None, batch.get("ref_logp"), batch["advantages"], batch["completion_mask"], g.epsilon, g.epsilon_high,
                           g.beta, g.loss_type, g.max_new_tokens)
+        out.stats["entropy"] = entropy.sum()
         self._add_stats(batch, out)
         if g.loss_type == "bnpo" and not batch["real"].any():
             return out.loss_sum * 0, out.weight * 0
@@ -193,15 +218,14 @@ class GRPOTask(EpochPosition):
         std = float(groups.std(-1).nan_to_num().sum() * self.g.num_generations) if n else 0.0
         lengths = mask.sum(-1)[real].double()
         ended = float(((batch["completion_ids"].cpu() == self.eos) & mask.bool()).any(-1)[real].sum())
-        token_stats = [float(out.stats.get(k, torch.tensor(0.0))) for k in ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")]
+        token_stats = [float(out.stats.get(k, torch.tensor(0.0))) for k in TOKEN_STATS]
         adv = float(batch["advantages"].cpu()[real].abs().sum())
         values = [*each, float(total.sum()), std, adv, *token_stats, float(lengths.sum()), ended, n, tokens]
         self._sums += torch.tensor(values, dtype=torch.float64)
 
     def _means(self, sums: list[float], prefix: str) -> dict[str, float]:
         *values, n, tokens = sums
-        per_token = {"kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region"}
-        return {f"{prefix}/{k}": v / max(tokens if k in per_token else n, 1) for k, v in zip(self.names, values)}
+        return {f"{prefix}/{k}": v / max(tokens if k in TOKEN_STATS else n, 1) for k, v in zip(self.names, values)}
 
     def stats(self) -> dict[str, float]:
         """The train metrics since the last call, every rank's. Collective."""
