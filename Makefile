@@ -61,8 +61,12 @@ slurm:
 quickstart: $(STAMP)
 	$(VENV)/bin/shardtune train configs/quickstart.yaml
 
+# Two pytest workers, whole files each (a module's fixtures and its launches stay in one worker): the suite's
+# launches wait on process start-up, sockets, servers and Slurm about a third of the time, and the other
+# worker fills it. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) corpus slurm
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Each one-line mutation of src/ (tests/mutations.py) must make its tests fail; several minutes.
 mutations: $(STAMP)
