@@ -119,6 +119,15 @@ MUTATIONS = [
     Mutation("a store error is not retried", "storage.py",
              "            if time.monotonic() + delay > deadline:", "            if True:",
              (STORE + "test_the_server_restarted_mid_stream_is_retried_and_the_losses_are_the_uninterrupted_runs",)),
+    Mutation("GRPO scale_rewards batch scales each micro-batch by its own std", "tasks/grpo.py",
+             'group_advantages(b["total"], self.g.num_generations, "batch", std)', 'group_advantages(b["total"], self.g.num_generations, "batch")',
+             ("tests/test_grpo_task.py::test_two_ranks_match_one_process[cpu]",)),
+    Mutation("FSDP2: the root's generate is not a forward (LoRA rollouts skip the root's lazy init)", "distributed/fsdp.py",
+             'register_fsdp_forward_method(model, "generate")', "pass",
+             ("tests/test_grpo_task.py::test_lora_under_sharded_parameters_matches_one_process[fsdp]",)),
+    Mutation("train.eval_batches caps each process, not all ranks", "tasks/causal_lm.py",
+             "cap = self.cfg.train.eval_batches  #", "cap = self.cfg.train.eval_batches and self.cfg.train.eval_batches * s.dp_world  #",
+             ("tests/test_paths.py::test_eval_reads_exactly_the_validation_sources_and_eval_batches_caps_it",)),
 ]
 
 
