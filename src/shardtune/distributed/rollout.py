@@ -10,6 +10,8 @@ times (the stalls TRL users report with ZeRO-3). Here a rollout gathers once:
   other modules in another order than training). TRL's `unwrap_model_for_generation` does the same; shardtune
   does not depend on TRL at run time, so the few lines are here.
 - FSDP2: every `FSDPModule` unsharded (one all-gather each) with resharding after forward off, resharded after.
+  The root's `generate` is registered as a forward (`FSDPStrategy.prepare`, torch's `register_fsdp_forward_method`):
+  a PeftModel's generate never calls its own forward, and FSDP2 must initialise the root before its blocks.
 
 Hand-written because neither backend offers "whole for the next N forwards" as one call.
 """
