@@ -36,12 +36,13 @@ from shardtune import ShardtuneError
 from shardtune.config import TASK_SPECS, Config
 from shardtune.data.batching import PAD, StepBatches, seeded_holdout, seeded_order, shard_eval
 from shardtune.data.prompts import Prompt, completion_mask, encode_prompts, rollout_rows
+from shardtune.grpo_loss import STATS as LOSS_STATS
 from shardtune.grpo_loss import batch_std_of, completion_entropy, completion_logps, group_advantages, policy_loss
 from shardtune.models import is_peft
 from shardtune.rewards import RewardSet, make_reward
 from shardtune.tasks import EpochPosition, Sizes
 
-TOKEN_STATS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy")  # means over completion tokens
+TOKEN_STATS = (*LOSS_STATS, "entropy")  # means over completion tokens: policy_loss's statistics and the entropy
 STATS = ("reward", "reward_std", "advantage_abs", *TOKEN_STATS, "completion_length", "completions_ended")
 
 
