@@ -45,12 +45,18 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# The OS's randomness, not the `random` module's: an in-process run seeds that (accelerate's set_seed), so two
+# pytest workers, or two servers made one after the other in one worker, would otherwise pick the same ports.
+_PICK = random.SystemRandom()
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct ports that are free now, between 20000 and the ephemeral range."""
-    high = max(_ephemeral_low() - 1, 20100)
+    """n distinct ports that are free now, between 24000 and the ephemeral range (below 24000: the Slurm tests'
+    jobs listen on 20000 + job id, slurm/*.sbatch)."""
+    high = max(_ephemeral_low() - 1, 24100)
     found: list[int] = []
     while len(found) < n:
-        port = random.randint(20000, high)
+        port = _PICK.randint(24000, high)
         if port in found:
             continue
         with socket.socket() as s:

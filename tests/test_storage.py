@@ -264,3 +264,17 @@ def test_http_answers_4xx_at_once_and_retries_a_server_down(s3, bucket, monkeypa
             call()
         _one_sentence(exc, down, "did not serve")
         assert storage.STATS["retries"] > retries
+
+
+def test_the_test_servers_ports_do_not_follow_the_seeded_random_module():
+    """An in-process run seeds `random` (accelerate's set_seed): two pytest workers, or two servers made one after
+    the other, could draw the same "random" ports from it (the CI run of 2026-12-07: a server's filer died on
+    "address already in use")."""
+    import random
+
+    from s3_server import free_ports
+
+    random.seed(0)
+    first = free_ports(8)
+    random.seed(0)
+    assert free_ports(8) != first
