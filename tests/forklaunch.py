@@ -38,7 +38,12 @@ def context():
         if forkserver._forkserver._forkserver_pid is not None:
             raise RuntimeError("a forkserver is already running without forklaunch's preload; start it through forklaunch.context()")
         _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(["torch", "transformers", "accelerate", "shardtune.trainer", "shardtune.cli"])
+        # DeepSpeed and torch._dynamo too: a ZeRO rank imports DeepSpeed, and its optimizer check imports DeepSpeed's
+        # Muon module, whose torch.compile decorator imports torch._dynamo: ~4 s of CPU per rank (cProfile of a zero1
+        # rank). Not the Muon module itself: with it preloaded, the forked ranks of the S3 kill test hung at their
+        # first checkpoint upload (aiohttp "attached to a different loop"), cause not found.
+        _ctx.set_forkserver_preload(["torch", "transformers", "accelerate", "shardtune.trainer", "shardtune.cli", "deepspeed",
+                                     "torch._dynamo"])
     return _ctx
 
 
@@ -76,3 +81,54 @@ def launch(argv: list[str], log_dir: Path, world: int = 2, env: dict | None = No
     for p in procs:
         p.join()
     return [p.exitcode for p in procs]
+
+
+def _one(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+    """The child of `run`: the environment, folder, argv and output files of a fresh `python -m shardtune.cli`."""
+    import atexit
+    import sys
+    import traceback
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = [sys.executable, *argv]
+    for path, target in ((out, 1), (err, 2)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), target)
+    if "OMP_NUM_THREADS" in env:  # read at import, in the server (see _rank)
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    from shardtune.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # what the interpreter's exit runs (W&B's hooks among them)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(argv: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 600):
+    """`python -m shardtune.cli ARGV` as one process forked from the preloaded server, with no launcher's variables:
+    what subprocess.run(capture_output=True, text=True) returns, in ~1 s of start-up instead of ~9 s of imports.
+    For the tests of a one-process run's behaviour; the tests of the real entry points start real interpreters."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = f"{tmp}/stdout", f"{tmp}/stderr"
+        proc = context().Process(target=_one, args=([str(a) for a in argv], dict(os.environ if env is None else env),
+                                                    str(cwd or os.getcwd()), out, err))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return subprocess.CompletedProcess(argv, proc.exitcode, Path(out).read_text(), Path(err).read_text())

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_overrides
+import forklaunch
 from forklaunch import free_port
 
 QS = ROOT / "configs" / "quickstart.yaml"
@@ -31,8 +32,13 @@ def _cmd(config, overrides) -> list[str]:
     return [sys.executable, "-m", "shardtune.cli", "train", str(config), *overrides]
 
 
+def _one(config, overrides, **kw) -> subprocess.CompletedProcess:
+    """`shardtune train` as one process (forked from the preloaded server: tests/forklaunch.py)."""
+    return forklaunch.run(["train", str(config), *overrides], **kw)
+
+
 def _run(config, overrides) -> str:
-    proc = subprocess.run(_cmd(config, overrides), capture_output=True, text=True, timeout=600)
+    proc = _one(config, overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -45,7 +51,7 @@ def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tiny_bert, tmp_pa
     newest = run / "checkpoints" / "step-00000008"
     victim = newest / "dcp" / "__0_0.distcp"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
-    proc = subprocess.run(_cmd(QS, over[:-1] + ["train.max_steps=10"]), capture_output=True, text=True, timeout=600)
+    proc = _one(QS, over[:-1] + ["train.max_steps=10"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step-00000004 at step 4" in proc.stdout
     assert "skipping incomplete checkpoint" in proc.stderr and "dcp/__0_0.distcp has 100 bytes" in proc.stderr
@@ -138,7 +144,7 @@ def test_a_changed_config_is_reported_key_by_key_on_resume(tiny_bert, tmp_path):
     state = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["config_sha256"] == hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()
     assert state["config"]["optim"]["lr"] == 1e-3 and state["run"]["step"] == 4
-    proc = subprocess.run(_cmd(QS, [*over, "train.max_steps=6", "optim.lr=5e-4"]), capture_output=True, text=True, timeout=600)
+    proc = _one(QS, [*over, "train.max_steps=6", "optim.lr=5e-4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step-00000004 at step 4" in proc.stdout
     report = next(line for line in proc.stderr.splitlines() if "resuming with a config that differs" in line)
@@ -167,8 +173,7 @@ def test_counters_survive_a_checkpoint_between_log_steps(tiny_bert, tmp_path):
                                                           "train.async_save": "false"})  # the kill at 5 finds step 3
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run(QS, over(ref))
-    killed = subprocess.run(_cmd(QS, over(run)), capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "SHARDTUNE_FAILPOINTS": "kill@step=5"})
+    killed = _one(QS, over(run), env={**os.environ, "SHARDTUNE_FAILPOINTS": "kill@step=5"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "resumed from step-00000003 at step 3" in _run(QS, over(run))
     want, got = (json.loads((r / "metrics.json").read_text()) for r in (ref, run))
@@ -209,7 +214,7 @@ def test_a_stopped_run_without_output_dir_says_the_command_that_resumes_it(tiny_
                                                              "data.max_examples": 200, "train.log_every": 1})
     over = [o for o in over if not o.startswith("output.dir=")]
     env = {**os.environ, "SHARDTUNE_FAILPOINTS": "usr1@step=3"}
-    proc = subprocess.run(_cmd(QS, over), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    proc = _one(QS, over, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stopped = int(re.search(r"preempted \(signal 10\) at step (\d+)", proc.stdout).group(1))  # the step after 3 (in flight)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("to resume, run: "))

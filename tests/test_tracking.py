@@ -10,12 +10,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import forklaunch
 import wandb_reader
 from conftest import ROOT, tiny_overrides
 from shardtune.config import ConfigError, TrackingConfig, load_config
@@ -49,10 +49,10 @@ def wandb_env(monkeypatch):
 
 
 def _train(tmp_path: Path, env: dict[str, str], **overrides) -> subprocess.CompletedProcess:
-    """`shardtune train` on the tiny BERT in its own process (its own W&B service and environment)."""
+    """`shardtune train` on the tiny BERT in its own process (its own W&B service and environment), forked from
+    the preloaded server (tests/forklaunch.py)."""
     clean = {k: v for k, v in os.environ.items() if k not in WANDB_VARS}
-    cmd = [sys.executable, "-m", "shardtune.cli", "train", str(QS), *tiny_overrides(**overrides)]
-    return subprocess.run(cmd, env={**clean, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return forklaunch.run(["train", str(QS), *tiny_overrides(**overrides)], env={**clean, **env}, cwd=tmp_path)
 
 
 # ---------------------------------------------------------------- which mode
