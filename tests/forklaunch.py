@@ -47,6 +47,15 @@ def context():
     return _ctx
 
 
+def _threads_from_env() -> None:
+    """torch read OMP_NUM_THREADS when the server imported it: a child sets it again (a rank that did not still ran
+    2 threads: 2 ranks on 2 cores, oversubscribed); torchrun's and any fresh interpreter read it at import."""
+    if "OMP_NUM_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def _rank(rank: int, world: int, port: int, argv: list[str], env: dict, log: str) -> None:
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -54,11 +63,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], env: dict, log: str
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    import torch
-
-    # torch read OMP_NUM_THREADS when the server imported it: a rank set it again here and still ran 2 threads
-    # (2 ranks on 2 cores: oversubscribed); torchrun's fresh processes read it at import
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _threads_from_env()
     from shardtune.cli import main
 
     os._exit(main(argv))
@@ -95,10 +100,7 @@ def _one(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     sys.argv = [sys.executable, *argv]
     for path, target in ((out, 1), (err, 2)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), target)
-    if "OMP_NUM_THREADS" in env:  # read at import, in the server (see _rank)
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    _threads_from_env()
     from shardtune.cli import main
 
     try:
